@@ -1,0 +1,26 @@
+# ravlt_pl — one venv (.venv), created once and reused.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# torch comes from the machine's local wheels; the pip cap allows nothing newer.
+TORCH   := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: all venv test demo demo-data clean-demo
+
+all: venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+demo: venv
+	$(BIN)/python -m ravlt_pl.demo classification
