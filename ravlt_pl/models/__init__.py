@@ -1,0 +1,12 @@
+"""Pure-PyTorch models (no Lightning): the RAVLT backbone, its attention, checkpoint loading."""
+
+from .attention import RankAugmentedLinearAttention, RotaryTable, SoftmaxAttention
+from .checkpoint import CheckpointError, LoadReport, checkpoint_filter_fn, load_official
+from .ravlt import RAVLT
+from .variants import VARIANTS, ravlt_b, ravlt_l, ravlt_s, ravlt_t, variant_kwargs
+
+__all__ = [
+    "RAVLT", "RankAugmentedLinearAttention", "SoftmaxAttention", "RotaryTable", "load_official",
+    "LoadReport", "CheckpointError", "checkpoint_filter_fn", "VARIANTS", "variant_kwargs",
+    "ravlt_t", "ravlt_s", "ravlt_b", "ravlt_l",
+]  # fmt: skip

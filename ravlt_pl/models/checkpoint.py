@@ -1,0 +1,119 @@
+"""Loading the authors' released RAVLT checkpoints onto :class:`~ravlt_pl.models.RAVLT`.
+
+Forms understood: a bare state dict; DeiT-style ``{"model": ..., "model_ema": ...}`` (ImageNet);
+mmdet / mmseg ``{"state_dict": {"backbone.<name>": ...}}`` (COCO / ADE20K). Our own Lightning
+checkpoints load through Lightning (``--ckpt_path``), not through here.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded onto the model, with the file and the reason."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_official` did: keys loaded, model keys left at init, checkpoint keys dropped."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.source}: loaded {len(self.loaded)} tensors, {len(self.missing)} missing "
+            f"({_preview(self.missing)}), {len(self.ignored)} ignored ({_preview(self.ignored)})"
+        )
+
+
+def _preview(keys: Sequence[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") if keys else "none"
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> dict:
+    """Authors' names → ours (``layers.{i}.RoPE`` → ``layers.{i}.rope``); used by timm too."""
+    return {k.replace(".RoPE.", ".rope."): v for k, v in state_dict.items()}
+
+
+def _read(checkpoint: str | Path | Mapping) -> tuple[Mapping, str]:
+    if isinstance(checkpoint, Mapping):
+        return checkpoint, "<state dict>"
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True), str(path)
+        except pickle.UnpicklingError:
+            # DeiT checkpoints pickle their argparse Namespace next to the weights.
+            return torch.load(path, map_location="cpu", weights_only=False), str(path)
+    except Exception as err:  # truncated file, not a torch file, ...
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({err})") from err
+
+
+def extract_backbone_state(checkpoint: Mapping, source: str, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The backbone's tensors from any released form, under the authors' names."""
+    if use_ema:
+        if "model_ema" not in checkpoint:
+            raise CheckpointError(f"{source}: use_ema=True but the checkpoint has no 'model_ema' entry")
+        state = checkpoint["model_ema"]
+    elif "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
+        state = checkpoint["model"]
+    elif "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
+        full = checkpoint["state_dict"]
+        state = {k[len("backbone.") :]: v for k, v in full.items() if k.startswith("backbone.")}
+        if not state:
+            raise CheckpointError(
+                f"{source}: 'state_dict' holds no 'backbone.' keys; an mmdet/mmseg checkpoint was expected "
+                "(a Lightning checkpoint of ours loads with --ckpt_path instead)"
+            )
+    else:
+        state = checkpoint
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{source}: entry {bad[0]!r} is not a tensor; not a RAVLT state dict")
+    return dict(state)
+
+
+def load_official(
+    model: nn.Module,
+    checkpoint: str | Path | Mapping,
+    use_ema: bool = False,
+    exclude: Sequence[str] = (),
+) -> LoadReport:
+    """Load an authors' checkpoint (path or loaded dict) into ``model``; return a :class:`LoadReport`.
+
+    Keys the model lacks (a classifier head into a dense backbone, a detector's neck) are ignored
+    and reported; model keys the checkpoint lacks (``extra_norms``) are left at init and reported.
+    Any shape mismatch raises :class:`CheckpointError` naming the first key and both shapes, unless
+    the key starts with one of ``exclude`` (e.g. ``("head.",)`` to fine-tune on other classes).
+    """
+    raw, source = _read(checkpoint)
+    state = checkpoint_filter_fn(extract_backbone_state(raw, source, use_ema), model)
+    own = model.state_dict()
+    report = LoadReport(source)
+    to_load = {}
+    for key, value in state.items():
+        if key not in own or key.startswith(tuple(exclude)):
+            report.ignored.append(key)
+        elif own[key].shape != value.shape:
+            raise CheckpointError(
+                f"{source}: {key} has shape {tuple(value.shape)} in the checkpoint but "
+                f"{tuple(own[key].shape)} in the model; was it made for another RAVLT variant?"
+            )
+        else:
+            to_load[key] = value
+    report.loaded = sorted(to_load)
+    report.missing = sorted(k for k in own if k not in to_load)
+    model.load_state_dict(to_load, strict=False)
+    return report

@@ -1,0 +1,80 @@
+"""load_official understands every released checkpoint form and refuses mismatches clearly."""
+
+import pytest
+import timm
+import torch
+
+from ravlt_pl.models import RAVLT, CheckpointError, load_official
+from tests.conftest import rel_err
+
+
+@pytest.fixture()
+def cls_model(official_cls):
+    return RAVLT(**official_cls["config"]).eval()
+
+
+def _logits(model, official_cls):
+    with torch.no_grad():
+        return model(official_cls["input"])
+
+
+@pytest.mark.parametrize("wrap", ["bare", "model", "model_ema", "file"])
+def test_classification_forms(wrap, cls_model, official_cls, tmp_path):
+    state = official_cls["state_dict"]
+    if wrap == "file":
+        path = tmp_path / "RAVLT_tiny.pth"
+        torch.save({"model": state, "args": {"lr": 5e-4}, "epoch": 299}, path)
+        report = load_official(cls_model, path)
+        assert report.source == str(path)
+    elif wrap == "model_ema":
+        report = load_official(cls_model, {"model": {}, "model_ema": state}, use_ema=True)
+    else:
+        report = load_official(cls_model, state if wrap == "bare" else {"model": state})
+    assert not report.missing and not report.ignored
+    assert rel_err(_logits(cls_model, official_cls), official_cls["logits"]) < 1e-5
+
+
+def test_mmdet_checkpoint_into_dense_backbone(official_dense):
+    full = {f"backbone.{k}": v for k, v in official_dense["state_dict"].items()}
+    full["neck.fpn_convs.0.conv.weight"] = torch.zeros(1)
+    model = RAVLT(**official_dense["config"], out_indices=(0, 1, 2, 3)).eval()
+    report = load_official(model, {"state_dict": full, "meta": {}})
+    assert not report.missing and not report.ignored
+    with torch.no_grad():
+        assert rel_err(model(official_dense["input"])[3], official_dense["features"][3]) < 1e-5
+
+
+def test_imagenet_checkpoint_into_dense_backbone_reports_head_and_extra_norms(official_cls):
+    model = RAVLT(**official_cls["config"], out_indices=(0, 1, 2, 3))
+    report = load_official(model, {"model": official_cls["state_dict"]})
+    assert "head.weight" in report.ignored and "proj.weight" in report.ignored
+    assert "extra_norms.0.norm.weight" in report.missing
+    assert all(k.startswith("extra_norms.") for k in report.missing)
+
+
+def test_shape_mismatch_names_key_and_shapes():
+    s_state = timm.create_model("ravlt_s").state_dict()
+    tiny = timm.create_model("ravlt_t")
+    with pytest.raises(CheckpointError, match=r"layers\.1\.downsample\.reduction\.weight .*\(320, 128, 3, 3\).*\(256, 128, 3, 3\)"):
+        load_official(tiny, {"model": s_state})
+
+
+def test_exclude_lets_a_head_of_another_size_be_dropped(official_cls):
+    model = RAVLT(**{**official_cls["config"], "num_classes": 3})
+    with pytest.raises(CheckpointError, match="head.weight"):
+        load_official(model, official_cls["state_dict"])
+    report = load_official(model, official_cls["state_dict"], exclude=("head.",))
+    assert report.missing == ["head.bias", "head.weight"]
+
+
+def test_bad_files_are_named(tmp_path, cls_model):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_official(cls_model, tmp_path / "absent.pth")
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="broken.pth"):
+        load_official(cls_model, broken)
+    with pytest.raises(CheckpointError, match="model_ema"):
+        load_official(cls_model, {"model": {}}, use_ema=True)
+    with pytest.raises(CheckpointError, match="backbone"):
+        load_official(cls_model, {"state_dict": {"model.head.weight": torch.zeros(1)}})

@@ -1,0 +1,138 @@
+"""The backbone reproduces the authors' code and the published sizes."""
+
+import json
+
+import pytest
+import timm
+import torch
+
+import ravlt_pl  # noqa: F401  (registers ravlt_* with timm)
+from benchmarks.reference_ravlt import ReferenceRAVLT
+from ravlt_pl.models import RAVLT, RotaryTable, load_official
+from ravlt_pl.models.attention import rotate_every_two
+from tests.conftest import FIXTURES, TINY, rel_err
+
+
+def test_classifier_reproduces_official_logits(official_cls):
+    model = RAVLT(**official_cls["config"]).eval()
+    load_official(model, official_cls["state_dict"])
+    with torch.no_grad():
+        logits = model(official_cls["input"])
+    assert logits.shape == official_cls["logits"].shape
+    assert rel_err(logits, official_cls["logits"]) < 1e-5
+
+
+def test_dense_backbone_reproduces_official_features(official_dense):
+    model = RAVLT(**official_dense["config"], out_indices=(0, 1, 2, 3)).eval()
+    load_official(model, official_dense["state_dict"])
+    with torch.no_grad():
+        features = model(official_dense["input"])
+    assert len(features) == 4
+    for i, (ours, ref) in enumerate(zip(features, official_dense["features"])):
+        assert ours.shape == ref.shape, f"stage {i}"
+        assert rel_err(ours, ref) < 1e-5, f"stage {i}"
+
+
+@pytest.mark.parametrize(
+    "overrides, size",
+    [
+        (dict(), (67, 45)),
+        (dict(attention=["linear"] * 4), (96, 64)),
+        (dict(mlp_ratios=[2.0, 3.0, 4.0, 1.5], depths=[2, 1, 2, 1]), (64, 96)),
+        (dict(embed_dims=[24, 48, 72, 96], num_heads=[2, 4, 6, 8], layerscales=[False, True, False, True]), (33, 129)),
+    ],
+)
+def test_matches_plain_reference_for_other_shapes(overrides, size):
+    """The plain implementation in benchmarks/ is a second oracle for configurations beyond the fixtures."""
+    cfg = {**TINY, "num_classes": 7, **overrides}
+    torch.manual_seed(0)
+    ours = RAVLT(**cfg).eval()
+    for p in ours.parameters():  # random everything so every part counts
+        p.data.normal_(0, 0.2)
+    ref = ReferenceRAVLT(**cfg).eval()
+    state = {k.replace(".rope.", ".RoPE."): v for k, v in ours.state_dict().items()}
+    ref.load_state_dict(state)
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        assert rel_err(ours(x), ref(x)) < 1e-5
+
+
+def test_rope_angle_formula_on_fresh_model():
+    table = RotaryTable(head_dim=16)
+    expected = (1.0 / 10000 ** torch.linspace(0, 1, 4)).repeat_interleave(2)
+    torch.testing.assert_close(table.angle, expected)
+    sin, cos = table(3, 5)
+    assert sin.shape == cos.shape == (15, 16)
+    # row-major tokens: token (h=2, w=4) is index 14; first half encodes h, second half w.
+    torch.testing.assert_close(sin[14, :8], torch.sin(2 * expected))
+    torch.testing.assert_close(cos[14, 8:], torch.cos(4 * expected))
+
+
+def test_rope_tables_are_cached_per_size_and_reset_by_loading():
+    table = RotaryTable(head_dim=8)
+    first = table(4, 4)
+    assert table(4, 4)[0] is first[0]
+    assert table(4, 6)[0] is not first[0]
+    table.load_state_dict({"angle": torch.ones(4)})
+    torch.testing.assert_close(table(4, 4)[0][5], torch.sin(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])))
+
+
+def test_rotate_every_two():
+    assert rotate_every_two(torch.arange(4.0)).tolist() == [-1.0, 0.0, -3.0, 2.0]
+
+
+@pytest.mark.parametrize("variant, millions", [("ravlt_t", 14.90), ("ravlt_s", 25.59), ("ravlt_b", 48.24), ("ravlt_l", 95.24)])
+def test_published_parameter_counts_and_key_set(variant, millions):
+    with torch.device("meta"):
+        model = timm.create_model(variant, num_classes=1000)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == millions
+    expected = json.loads((FIXTURES / "official_ravlt_state_dict_keys.json").read_text())[variant.upper()]
+    ours = {k.replace(".rope.", ".RoPE."): list(v.shape) for k, v in model.state_dict().items()}
+    assert ours == expected
+
+
+def test_timm_features_only():
+    model = timm.create_model("ravlt_t", features_only=True, out_indices=(1, 3)).eval()
+    assert model.feature_info.channels() == [128, 512]
+    assert model.feature_info.reduction() == [8, 32]
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 64, 96))
+    assert [tuple(f.shape) for f in feats] == [(1, 128, 8, 12), (1, 512, 2, 3)]
+
+
+def test_timm_classifier_conveniences():
+    model = timm.create_model("ravlt_t", num_classes=5)
+    assert model.pretrained_cfg["crop_pct"] == 0.875 and model.pretrained_cfg["input_size"] == (3, 224, 224)
+    assert "layers.0.blocks.0.gamma_1" in model.no_weight_decay()
+    model.reset_classifier(3)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1024)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = RAVLT(**TINY, num_classes=4)
+    x = torch.randn(2, 3, 64, 64)
+    model(x).sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for g, p in zip(plain, model.parameters()):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_dense_form_freezes_batchnorm_in_train_mode():
+    model = RAVLT(**TINY, out_indices=(0, 1, 2, 3)).train()
+    stats = model.patch_embed.proj[1].running_mean.clone()
+    model(torch.randn(2, 3, 64, 64))
+    torch.testing.assert_close(model.patch_embed.proj[1].running_mean, stats)
+    assert not hasattr(model, "head") and model.out_channels == TINY["embed_dims"]
+
+
+def test_rejects_bad_per_stage_lists():
+    with pytest.raises(ValueError, match="mlp_ratios"):
+        RAVLT(**{**TINY, "mlp_ratios": [1.0, 2.0]})
+    with pytest.raises(ValueError, match="attention"):
+        RAVLT(**TINY, attention=["linear", "linear", "linear", "flash"])
