@@ -1,0 +1,100 @@
+"""What every DataModule shares: the data root, the global-batch rule and the DataLoader settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .errors import DatasetError
+
+
+class BaseDataModule(LightningDataModule):
+    """Holds ``root`` and the loader settings; derives the per-device batch from the global one.
+
+    Args:
+        root: dataset directory (the real layout, see ``data/README.md``).
+        global_batch_size: the published batch over all devices and accumulation steps. When set,
+            ``batch_size`` is derived as ``global / (devices × nodes × accumulate_grad_batches)``,
+            or checked against it if also given.
+        batch_size: images per device per step.
+        num_workers: DataLoader worker processes per device.
+        pin_memory: page-locked host memory (faster host→GPU copies).
+        persistent_workers: keep workers alive between epochs (decode pools are not rebuilt).
+    """
+
+    #: what the error says when ``root`` is missing; subclasses name their expected layout.
+    layout_hint = ""
+
+    def __init__(
+        self,
+        root: str | Path,
+        global_batch_size: int | None = None,
+        batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+    ) -> None:
+        super().__init__()
+        if global_batch_size is None and batch_size is None:
+            raise ValueError("set data.batch_size (per device) or data.global_batch_size")
+        self.root = Path(root)
+        self.global_batch_size = global_batch_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+
+    def check_root(self) -> None:
+        if not self.root.is_dir():
+            raise DatasetError(
+                f"{self.root}: dataset directory not found. {self.layout_hint} "
+                f"Point at it with --data.root PATH (see data/README.md)."
+            )
+
+    def per_device_batch_size(self) -> int:
+        """The batch each device loads, so that the global batch follows the published recipe."""
+        if self.global_batch_size is None:
+            return int(self.batch_size)
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        shards = world * accumulate
+        if self.batch_size is None:
+            if self.global_batch_size % shards:
+                raise ValueError(
+                    f"global batch {self.global_batch_size} cannot be split over {world} processes × "
+                    f"{accumulate} accumulation steps; change --trainer.accumulate_grad_batches or the device count"
+                )
+            return self.global_batch_size // shards
+        if self.batch_size * shards != self.global_batch_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} × {world} processes × {accumulate} accumulation steps = "
+                f"{self.batch_size * shards}, but the recipe's global batch is {self.global_batch_size}; "
+                f"set --trainer.accumulate_grad_batches {max(1, self.global_batch_size // (self.batch_size * world))} "
+                "or leave data.batch_size unset to derive it"
+            )
+        return self.batch_size
+
+    def make_loader(
+        self,
+        dataset: Dataset,
+        train: bool,
+        collate_fn: Callable | None = None,
+        sampler: Sampler | None = None,
+        batch_size: int | None = None,
+    ) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.per_device_batch_size(),
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=train,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and workers > 0,
+            collate_fn=collate_fn,
+        )

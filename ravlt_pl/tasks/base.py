@@ -1,0 +1,150 @@
+"""What every task shares: optimizer parameter groups, warmup schedules, EMA, pretrained backbones, reports."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.optim import AdamW, Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from ..models import load_official
+
+log = logging.getLogger(__name__)
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Two AdamW groups: weights decay; norms, biases and layer-scale gammas do not."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        (no_decay if param.ndim <= 1 or leaf == "bias" or leaf.startswith("gamma") else decay).append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class WarmupSchedule(LambdaLR):
+    """Per-step linear warmup, then ``cosine``, ``step`` (×gamma at epoch milestones), ``poly`` or ``constant``.
+
+    ``total_steps`` and ``steps_per_epoch`` are filled in by the task from the trainer; configs set
+    the shape: ``warmup_steps`` or ``warmup_epochs``, ``decay``, ``milestones``, ``power``.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        decay: Literal["cosine", "step", "poly", "constant"] = "cosine",
+        warmup_steps: int = 0,
+        warmup_epochs: float = 0.0,
+        warmup_start_factor: float = 1e-3,
+        min_lr_ratio: float = 0.0,
+        milestones: Sequence[int] = (),
+        gamma: float = 0.1,
+        power: float = 1.0,
+        total_steps: int = 1,
+        steps_per_epoch: int = 1,
+    ) -> None:
+        self.decay = decay
+        self.warmup = max(int(warmup_steps), int(round(warmup_epochs * steps_per_epoch)))
+        self.start_factor = warmup_start_factor
+        self.min_lr_ratio = min_lr_ratio
+        self.milestone_steps = sorted(int(m) * steps_per_epoch for m in milestones)
+        self.gamma, self.power = gamma, power
+        self.total_steps = max(int(total_steps), 1)
+        super().__init__(optimizer, self.factor)
+
+    def factor(self, step: int) -> float:
+        main = self._decay_factor(step)
+        if step < self.warmup:
+            return main * (self.start_factor + (1 - self.start_factor) * step / self.warmup)
+        return main
+
+    def _decay_factor(self, step: int) -> float:
+        if self.decay == "step":
+            return self.gamma ** sum(step >= m for m in self.milestone_steps)
+        progress = min(max(step - (self.warmup if self.decay == "cosine" else 0), 0) / max(self.total_steps - (self.warmup if self.decay == "cosine" else 0), 1), 1.0)
+        if self.decay == "cosine":
+            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.decay == "poly":
+            return self.min_lr_ratio + (1 - self.min_lr_ratio) * (1 - progress) ** self.power
+        return 1.0
+
+
+class BaseTask(LightningModule):
+    """A thin training loop around a pure-torch model built by the subclass in ``configure_model``.
+
+    Subclasses set ``self.model`` (the network) and ``monitor``/``mode`` (the metric that picks the
+    best checkpoint), implement the steps, and call :meth:`write_report` from their epoch ends.
+    """
+
+    monitor = "val/loss"
+    mode: Literal["min", "max"] = "min"
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable = AdamW,
+        scheduler: LRSchedulerCallable = WarmupSchedule,
+        ema_decay: float | None = None,
+        pretrained: str | None = None,
+        report_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.ema_decay = ema_decay
+        self.pretrained = pretrained
+        self._report_dir = report_dir
+        self.ema: ModelEmaV3 | None = None
+
+    # -- model helpers ----------------------------------------------------------------------------
+    def init_ema(self) -> None:
+        """Call at the end of the subclass ``__init__`` once ``self.model`` exists."""
+        if self.ema_decay:
+            self.ema = ModelEmaV3(self.model, decay=self.ema_decay)
+
+    def load_pretrained_backbone(self, backbone: nn.Module, exclude: Sequence[str] = ("head.",)) -> None:
+        """Initialise ``backbone`` from ``self.pretrained`` (the authors' checkpoint or a bare state dict)."""
+        if self.pretrained:
+            report = load_official(backbone, self.pretrained, exclude=exclude)
+            log.info("pretrained backbone: %s", report)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+
+    # -- optimisation -----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = self.optimizer(param_groups(self.model))
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        scheduler = self.scheduler(optimizer, total_steps=total, steps_per_epoch=max(total // epochs, 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- reports ----------------------------------------------------------------------------------
+    @property
+    def writes_reports(self) -> bool:
+        """Reports are written by ``validate`` and ``test`` (and ``fit``'s last validation)."""
+        trainer = self.trainer
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return False
+        if trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING):
+            return True
+        return trainer.state.fn == TrainerFn.FITTING and trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
+
+    def report_dir(self) -> Path:
+        if self._report_dir:
+            return Path(self._report_dir)
+        base = self.trainer.log_dir or self.trainer.default_root_dir
+        stage = {TrainerFn.FITTING: "fit", TrainerFn.VALIDATING: "validate", TrainerFn.TESTING: "test"}.get(
+            self.trainer.state.fn, "predict"
+        )
+        return Path(base) / "reports" / stage
