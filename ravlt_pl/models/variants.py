@@ -68,3 +68,12 @@ def ravlt_b(pretrained: bool = False, **kwargs) -> RAVLT:
 @register_model
 def ravlt_l(pretrained: bool = False, **kwargs) -> RAVLT:
     return _create("ravlt_l", pretrained, **kwargs)
+
+
+def build_backbone(variant: str = "ravlt_s", overrides: dict | None = None, **kwargs) -> RAVLT:
+    """A published variant with ``overrides`` (e.g. a tiny test model) and task arguments (``kwargs``).
+
+    ``overrides`` come from configs (``backbone_overrides``); ``kwargs`` from the task code
+    (``num_classes``, ``out_indices``, ``drop_path_rate``).
+    """
+    return RAVLT(**variant_kwargs(variant, **{**kwargs, **(overrides or {})}))
