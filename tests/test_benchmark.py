@@ -1,0 +1,27 @@
+"""Smoke test of the speed benchmark runner (benchmarks/benchmark.py) with tiny settings."""
+import json
+
+from benchmarks.benchmark import main
+
+
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench"
+    report = main(["--device", "cpu", "--threads", "1", "--models", "resnet18", "--baseline", "resnet18",
+                   "--resolutions", "64", "--batch-sizes", "1", "--train-batch-size", "2",
+                   "--rounds", "1", "--warmup", "0", "--out", str(out)])  # fmt: skip
+    data = json.loads((out / "benchmark.json").read_text())
+    assert data == json.loads(json.dumps(report))
+    assert (out / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = data["meta"]
+    for key in ("device", "torch", "dtype", "threads", "rounds", "baseline", "peak_matmul_gflops", "memory_method"):
+        assert key in meta
+    assert meta["peak_matmul_gflops"] > 0
+    (row,) = data["results"]
+    assert row["model"] == "resnet18" and row["resolution"] == 64
+    assert abs(row["params_m"] - 11.69) < 0.01 and row["gmacs"] > 0
+    assert row["infer"]["1"]["img_s"] > 0 and len(row["infer"]["1"]["samples_ms"]) == 1
+    assert row["train"]["img_s"] > 0
+    assert set(row["peak_mem_mb"]) == {"infer_bs1", "train"}
+    assert row["peak_mem_mb"]["train"] > row["peak_mem_mb"]["infer_bs1"] > 11.69 * 4 * 0.95  # >= weights
+    assert row["achieved_gflops"] > 0 and 0 < row["peak_share"]
+    assert row["ratio_vs_baseline"] == {"infer_bs1": 1.0, "train": 1.0}
