@@ -28,3 +28,27 @@ def official_dense() -> dict:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="session")
+def synthetic_cls(tmp_path_factory) -> Path:
+    """A tiny ImageFolder set (5 shape classes, 32 px) shared by the classification tests."""
+    from ravlt_pl.data.synthetic import make_classification
+
+    return make_classification(tmp_path_factory.mktemp("cls") / "shapes", train_per_class=4, val_per_class=3, image_size=32)
+
+
+def tiny_cli_args(config: str, root: Path, out: Path, *extra: str) -> list[str]:
+    """``fit`` of a config shrunk to a tiny backbone, tiny batches and one step on CPU."""
+    import json
+
+    tiny = {k: v for k, v in TINY.items() if k not in ("layerscales", "layer_init_values")}
+    return [
+        "fit", "--config", config,
+        "--model.init_args.backbone_overrides", json.dumps(tiny),
+        "--data.init_args.root", str(root), "--data.init_args.global_batch_size", "null",
+        "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+        "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+        "--trainer.num_nodes", "1", "--trainer.precision", "32-true", "--trainer.default_root_dir", str(out),
+        *extra,
+    ]  # fmt: skip

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .errors import DatasetError
 
@@ -78,6 +78,10 @@ class BaseDataModule(LightningDataModule):
             )
         return self.batch_size
 
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
     def make_loader(
         self,
         dataset: Dataset,
@@ -86,6 +90,19 @@ class BaseDataModule(LightningDataModule):
         sampler: Sampler | None = None,
         batch_size: int | None = None,
     ) -> DataLoader:
+        """A DataLoader that shards itself over processes (the CLI turns Lightning's sampler swap off).
+
+        Training shards with a shuffling ``DistributedSampler`` unless ``sampler`` is given (e.g.
+        repeated augmentation, already distributed); evaluation shards without padding, so every
+        sample is scored exactly once whatever the world size.
+        """
+        world, rank = self._world()
+        if sampler is None and world > 1:
+            sampler = (
+                DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, drop_last=True)
+                if train
+                else ShardedEvalSampler(len(dataset), world, rank)
+            )
         workers = self.num_workers
         return DataLoader(
             dataset,
@@ -98,3 +115,20 @@ class BaseDataModule(LightningDataModule):
             persistent_workers=self.persistent_workers and workers > 0,
             collate_fn=collate_fn,
         )
+
+
+class ShardedEvalSampler(Sampler[int]):
+    """Indices ``rank, rank + world, ...``: every sample on exactly one process, no padding duplicates.
+
+    torch's ``DistributedSampler`` pads the last shard with repeats (counted twice by metrics) or
+    drops samples; evaluation needs neither, and per-process batches may differ in size.
+    """
+
+    def __init__(self, size: int, world: int, rank: int) -> None:
+        self.indices = list(range(rank, size, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

@@ -88,6 +88,8 @@ class BaseTask(LightningModule):
 
     monitor = "val/loss"
     mode: Literal["min", "max"] = "min"
+    #: (H, W) at which ``summary`` counts FLOPs.
+    summary_input_size: tuple[int, int] = (224, 224)
 
     def __init__(
         self,
@@ -120,6 +122,10 @@ class BaseTask(LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
+
+    def flops_forward(self, images: torch.Tensor):
+        """The inference forward whose FLOPs ``summary`` counts (one image, eval mode)."""
+        return self.model(images)
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):

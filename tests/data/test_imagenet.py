@@ -1,0 +1,86 @@
+"""ImageFolder data module: layout checks name the path; loaders shard correctly."""
+
+import shutil
+
+import pytest
+import torch
+
+from ravlt_pl.data.base import ShardedEvalSampler
+from ravlt_pl.data.errors import DatasetError
+from ravlt_pl.data.imagenet import ImageNetDataModule
+
+
+def _dm(root, **kwargs):
+    return ImageNetDataModule(root=root, num_classes=5, image_size=32, batch_size=4, num_workers=0, **kwargs)
+
+
+def _copy(src, tmp_path):
+    return shutil.copytree(src, tmp_path / "set")
+
+
+def test_loads_train_and_val_with_class_names(synthetic_cls):
+    dm = _dm(synthetic_cls)
+    dm.setup("fit")
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.int64
+    assert dm.class_names == sorted(p.name for p in (synthetic_cls / "train").iterdir())
+    assert len(dm.datasets["val"]) == 15
+
+
+def test_missing_root_names_path_and_option(tmp_path):
+    with pytest.raises(DatasetError, match=r"absent.*--data.root"):
+        _dm(tmp_path / "absent").setup("fit")
+
+
+def test_missing_split(synthetic_cls, tmp_path):
+    root = _copy(synthetic_cls, tmp_path)
+    shutil.rmtree(root / "val")
+    with pytest.raises(DatasetError, match=r"set/val: split folder missing"):
+        _dm(root).setup("fit")
+
+
+def test_empty_class_folder(synthetic_cls, tmp_path):
+    root = _copy(synthetic_cls, tmp_path)
+    for f in (root / "train" / "circle").iterdir():
+        f.unlink()
+    with pytest.raises(DatasetError, match=r"train/circle: class folder holds no image files"):
+        _dm(root).setup("fit")
+
+
+def test_wrong_number_of_classes(synthetic_cls):
+    with pytest.raises(DatasetError, match=r"5 class folders but num_classes is 1000"):
+        ImageNetDataModule(root=synthetic_cls, num_classes=1000, batch_size=2).setup("fit")
+
+
+def test_unreadable_image_names_the_file(synthetic_cls, tmp_path):
+    root = _copy(synthetic_cls, tmp_path)
+    bad = next((root / "val" / "square").iterdir())
+    bad.write_bytes(b"\x00 not a jpeg")
+    dm = _dm(root)
+    dm.setup("validate")
+    with pytest.raises(DatasetError, match=bad.name):
+        list(dm.val_dataloader())
+
+
+def test_global_batch_is_split_over_devices_or_refused(synthetic_cls):
+    dm = ImageNetDataModule(root=synthetic_cls, num_classes=5, global_batch_size=1024)
+
+    class FakeTrainer:  # the two numbers the rule reads
+        world_size, accumulate_grad_batches, global_rank = 8, 1, 0
+
+    dm.trainer = FakeTrainer()
+    assert dm.per_device_batch_size() == 128
+    FakeTrainer.world_size, FakeTrainer.accumulate_grad_batches = 1, 8
+    assert dm.per_device_batch_size() == 128
+    FakeTrainer.world_size, FakeTrainer.accumulate_grad_batches = 3, 1
+    with pytest.raises(ValueError, match="cannot be split over 3 processes"):
+        dm.per_device_batch_size()
+    dm.batch_size = 64
+    FakeTrainer.world_size = 8
+    with pytest.raises(ValueError, match="accumulate_grad_batches 2"):
+        dm.per_device_batch_size()
+
+
+def test_sharded_eval_sampler_scores_each_sample_once():
+    shards = [list(ShardedEvalSampler(10, 3, rank)) for rank in range(3)]
+    assert sorted(sum(shards, [])) == list(range(10))

@@ -1,0 +1,56 @@
+"""Classification task: parameter groups, schedules, EMA, reports and predictions."""
+
+import json
+
+import torch
+
+from ravlt_pl.cli import main
+from ravlt_pl.tasks.base import WarmupSchedule, param_groups
+from ravlt_pl.tasks.classification import ClassificationTask
+from tests.conftest import TINY, tiny_cli_args
+
+
+def test_no_weight_decay_on_norms_biases_and_gammas():
+    task = ClassificationTask(num_classes=3, backbone_overrides=TINY)
+    decay, no_decay = param_groups(task.model)
+    named = {id(p): n for n, p in task.model.named_parameters()}
+    no_decay_names = {named[id(p)] for p in no_decay["params"]}
+    assert no_decay["weight_decay"] == 0.0
+    assert "layers.0.blocks.0.gamma_1" in no_decay_names and "norm.weight" in no_decay_names
+    assert "layers.0.blocks.0.attn.qkvo.bias" in no_decay_names
+    assert all(named[id(p)].endswith("weight") and p.ndim > 1 for p in decay["params"])
+
+
+def test_warmup_then_cosine_and_step_schedules():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    cosine = WarmupSchedule(opt, decay="cosine", warmup_steps=10, total_steps=110, min_lr_ratio=0.01)
+    assert cosine.factor(0) < 0.01 and cosine.factor(10) == 1.0
+    assert abs(cosine.factor(60) - (0.01 + 0.99 * 0.5)) < 1e-9 and abs(cosine.factor(110) - 0.01) < 1e-9
+    step = WarmupSchedule(opt, decay="step", milestones=[8, 11], total_steps=120, steps_per_epoch=10)
+    assert [step.factor(s) for s in (79, 80, 110)] == [1.0, 0.1, 0.1**2]
+
+
+def test_validate_writes_report_with_ema(synthetic_cls, tmp_path):
+    args = tiny_cli_args("demo/cls.yaml", synthetic_cls, tmp_path, "--data.init_args.image_size", "32",
+                         "--model.init_args.ema_decay", "0.9")  # fmt: skip
+    cli = main(args)
+    assert cli.model.ema is not None
+    ckpt = tmp_path / "model.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    main(["validate", *args[1:], "--trainer.fast_dev_run", "false", "--ckpt_path", str(ckpt)])
+    report_dir = next(tmp_path.rglob("reports/validate"))  # under the run's log dir
+    data = json.loads((report_dir / "classification_val.json").read_text())
+    assert data["headline"]["name"] == "top1" and 0.0 <= data["headline"]["value"] <= 1.0
+    assert data["num_samples"] == 15 and "val/ema_top1" in data["metrics"]
+    assert (report_dir / "classification_val.md").read_text().startswith("# Classification report")
+    assert (report_dir / "classification_val_confusion.png").stat().st_size > 1000
+
+
+def test_predict_writes_top5_per_file(synthetic_cls, tmp_path):
+    args = tiny_cli_args("demo/cls.yaml", synthetic_cls, tmp_path, "--data.init_args.image_size", "32",
+                         "--data.init_args.predict_dir", str(synthetic_cls / "val" / "star"),
+                         "--model.init_args.report_dir", str(tmp_path / "out"))  # fmt: skip
+    main(["predict", *args[1:], "--trainer.fast_dev_run", "false"])
+    rows = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert len(rows) == 3 and len(rows[0]["top5"]) == 5 and rows[0]["file"].endswith(".JPEG")
+    assert {c["class"] for c in rows[0]["top5"]} == {"circle", "cross", "square", "star", "triangle"}
