@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # torch comes from the machine's local wheels; the pip cap allows nothing newer.
 TORCH   := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: all venv test demo demo-data clean-demo
+.PHONY: all venv test demo demo-det demo-seg clean-demo
 
 all: venv
 
@@ -22,5 +22,15 @@ $(STAMP): pyproject.toml
 test: venv
 	$(BIN)/python -m pytest -q tests
 
+# Synthetic shapes → train a small RAVLT on CPU → validate → report (JSON, Markdown, PNG).
 demo: venv
 	$(BIN)/python -m ravlt_pl.demo classification
+
+demo-det: venv
+	$(BIN)/python -m ravlt_pl.demo detection
+
+demo-seg: venv
+	$(BIN)/python -m ravlt_pl.demo segmentation
+
+clean-demo:
+	rm -rf data/synthetic outputs/demo_*
