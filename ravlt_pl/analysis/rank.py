@@ -1,0 +1,96 @@
+"""``python -m ravlt_pl analyze-rank --config X.yaml [--ckpt PATH] [--images DIR] ...``.
+
+Measures the "low-rank dilemma" of linear attention on real inputs: the numerical and effective
+rank of every block's KV buffer (d×d per head) and output features (N×d per head), for RALA, plain
+linear attention (the same module with key re-weighting and gate off) and softmax attention,
+on the same weights and block inputs. Writes ``rank.json`` (per block/head and per-stage means),
+``rank.md`` (stage × kind table) and ``rank_blocks.png`` / ``rank_hist.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .. import reports
+from .loading import DEFAULT_IMAGES, backbone_spec, build_model, config_image_size, load_images, load_weights, read_config
+from .probe import FEATURES, KINDS, RankProbe
+from .report import block_results, figures, headline, markdown, stage_means
+
+
+def analyze(model: torch.nn.Module, images: torch.Tensor, kinds: Sequence[str] = KINDS, rtol: float | None = None,
+            batch_size: int = 4) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """Run ``images`` through ``model`` (eval, no grad) under a :class:`RankProbe`: ``(blocks, stages)``."""
+    model.eval()
+    with torch.no_grad(), RankProbe(model, kinds, rtol) as probe:
+        for batch in images.split(batch_size):
+            model.forward_features(batch)
+    blocks = block_results(probe)
+    return blocks, stage_means(blocks)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ravlt_pl analyze-rank", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--config", required=True, help="task config (its model.init_args.variant / backbone_overrides)")
+    parser.add_argument("--ckpt", help="our Lightning checkpoint or the authors' release (default: random init)")
+    parser.add_argument("--use-ema", action="store_true", help="take the EMA weights of the checkpoint")
+    parser.add_argument("--backbone-overrides", type=json.loads, default=None,
+                        help="JSON dict merged over the config's backbone_overrides")  # fmt: skip
+    parser.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of images, searched recursively")
+    parser.add_argument("--num-images", type=int, default=16, help="images taken evenly spread over the sorted files")
+    parser.add_argument("--image-size", type=int, default=None, help="square input side (default: config or 224)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
+    parser.add_argument("--rtol", type=float, default=None,
+                        help="relative singular-value tolerance (default max(m, n) · eps(float32))")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random init (without --ckpt)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", default=None, help="report folder (default outputs/rank/<config name>)")
+    args = parser.parse_args(list(argv))
+    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not args.kinds or set(args.kinds) - set(KINDS):
+        parser.error(f"--kinds must name some of {','.join(KINDS)}, got {','.join(args.kinds) or 'none'}")
+    if args.num_images < 1:
+        parser.error("--num-images must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str]) -> dict:
+    """Build, load, measure, write the report; returns the report's data."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.time()
+    config = read_config(args.config)
+    variant, overrides = backbone_spec(config)
+    overrides.update(args.backbone_overrides or {})
+    torch.manual_seed(args.seed)
+    model = build_model(variant, overrides)
+    weights = load_weights(model, args.ckpt, args.use_ema) if args.ckpt else f"random init (seed {args.seed})"
+    image_size = args.image_size or config_image_size(config)
+    images, available = load_images(args.images, args.num_images, image_size)
+    blocks, stages = analyze(model, images, args.kinds, args.rtol, args.batch_size)
+    data = {
+        "headline": headline(blocks),
+        "run": {
+            "config": str(args.config), "variant": variant, "backbone_overrides": overrides, "weights": weights,
+            "images": str(args.images), "num_images": len(images), "images_available": available,
+            "image_size": image_size, "kinds": args.kinds,
+            "tolerance": f"{args.rtol:g}" if args.rtol is not None else "max(m, n) · eps(float32)",
+            "seconds": round(time.time() - start, 1),
+        },  # fmt: skip
+        "features": FEATURES,
+        "stages": stages,
+        "blocks": blocks,
+    }
+    out = Path(args.out or Path("outputs/rank") / Path(args.config).stem)
+    text = markdown(data)
+    paths = reports.write_report(out, "rank", data, text, figures(blocks))
+    print(text)
+    print(f"rank analysis in {data['run']['seconds']:.0f} s; written to {', '.join(map(str, paths.values()))}")
+    return data
