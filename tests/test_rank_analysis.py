@@ -126,17 +126,22 @@ def test_analyze_rank_command_writes_json_markdown_and_png(tmp_path):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_checkpoints_load_by_suffix_from_lightning_and_the_authors_form(model, tmp_path):
+def test_checkpoints_load_by_suffix_from_lightning_and_the_authors_form(model, official_cls, tmp_path):
     state = model.state_dict()
     lightning = {"pytorch-lightning_version": "2", "state_dict": {f"model.backbone.body.{k}": v for k, v in state.items()}}
     lightning["state_dict"].update({f"ema.module.backbone.body.{k}": v + 1 for k, v in state.items()})
     torch.save(lightning, tmp_path / "ours.ckpt")
-    torch.save({"model": state}, tmp_path / "official.pth")
-    for path, use_ema, offset in (("ours.ckpt", False, 0), ("ours.ckpt", True, 1), ("official.pth", False, 0)):
+    key = "layers.0.blocks.0.attn.qkvo.weight"
+    for use_ema, offset in ((False, 0), (True, 1)):
         fresh = build_model("ravlt_t", TINY)
-        load_weights(fresh, tmp_path / path, use_ema=use_ema)
-        key = "layers.0.blocks.0.attn.qkvo.weight"
+        load_weights(fresh, tmp_path / "ours.ckpt", use_ema=use_ema)
         torch.testing.assert_close(fresh.state_dict()[key], state[key] + offset)
+
+    torch.save({"model": official_cls["state_dict"]}, tmp_path / "official.pth")  # authors' names (RoPE)
+    config = {k: v for k, v in official_cls["config"].items() if k != "num_classes"}
+    fresh = build_model("ravlt_t", config)
+    load_weights(fresh, tmp_path / "official.pth")
+    torch.testing.assert_close(fresh.state_dict()[key], official_cls["state_dict"][key])
 
     partial = {k: v for k, v in state.items() if not k.startswith("layers.3.")}
     torch.save({"pytorch-lightning_version": "2", "state_dict": {f"model.{k}": v for k, v in partial.items()}},

@@ -75,10 +75,12 @@ def main(argv: Sequence[str]) -> dict:
     image_size = args.image_size or config_image_size(config)
     images, available = load_images(args.images, args.num_images, image_size)
     blocks, stages = analyze(model, images, args.kinds, args.rtol, args.batch_size)
+    config_name = Path(args.config).resolve()
+    config_name = config_name.relative_to(Path.cwd()) if config_name.is_relative_to(Path.cwd()) else config_name
     data = {
         "headline": headline(blocks),
         "run": {
-            "config": str(args.config), "variant": variant, "backbone_overrides": overrides, "weights": weights,
+            "config": str(config_name), "variant": variant, "backbone_overrides": overrides, "weights": weights,
             "images": str(args.images), "num_images": len(images), "images_available": available,
             "image_size": image_size, "kinds": args.kinds,
             "tolerance": f"{args.rtol:g}" if args.rtol is not None else "max(m, n) · eps(float32)",
