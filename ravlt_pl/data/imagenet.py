@@ -54,6 +54,7 @@ class ImageNetDataModule(BaseDataModule):
         num_classes: class folders expected (1000 for ImageNet-1k); checked against the tree.
         image_size: training crop and evaluation size.
         crop_pct: evaluation centre-crop fraction (resize to ``image_size / crop_pct`` first).
+        crop_scale: area range of the training RandomResizedCrop.
         interpolation: resize interpolation.
         auto_augment: timm RandAugment policy string (``None`` to disable).
         color_jitter: colour jitter strength (timm applies it only when RandAugment is off).
@@ -71,6 +72,7 @@ class ImageNetDataModule(BaseDataModule):
         num_classes: int = 1000,
         image_size: int = 224,
         crop_pct: float = 0.875,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
         interpolation: str = "bicubic",
         auto_augment: str | None = "rand-m9-mstd0.5-inc1",
         color_jitter: float = 0.3,
@@ -87,6 +89,7 @@ class ImageNetDataModule(BaseDataModule):
         self.num_classes = num_classes
         self.image_size = image_size
         self.crop_pct = crop_pct
+        self.crop_scale = tuple(crop_scale)
         self.interpolation = interpolation
         self.auto_augment = auto_augment
         self.color_jitter = color_jitter
@@ -129,7 +132,7 @@ class ImageNetDataModule(BaseDataModule):
     def transform(self, train: bool):
         if train:
             return create_transform(
-                self.image_size, is_training=True, auto_augment=self.auto_augment, color_jitter=self.color_jitter,
+                self.image_size, is_training=True, scale=self.crop_scale, auto_augment=self.auto_augment, color_jitter=self.color_jitter,
                 re_prob=self.reprob, re_mode="pixel", re_count=1, interpolation=self.interpolation,
             )  # fmt: skip
         return create_transform(
