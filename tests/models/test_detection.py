@@ -1,0 +1,234 @@
+"""Detectors on RAVLT: torchvision contract of the FPN adapter, published sizes, the cascade's parts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.ops import MultiScaleRoIAlign, generalized_box_iou_loss
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from ravlt_pl.models.detection import (
+    CascadeBoxPredictor, CascadeMaskRCNN, CascadeRoIHeads, PresizedTransform, build_detector, conv_fc_box_head,
+    dummy_forward, ravlt_fpn, rescale_detections,
+)  # fmt: skip
+from tests.conftest import TINY
+
+SMALL_HEADS = dict(fpn_channels=16, representation_size=32, mask_channels=8)
+# fewer proposals and sampled RoIs keep the R-CNN heads cheap on CPU
+FEW_ROIS = dict(rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=100,
+                rpn_post_nms_top_n_test=50, box_batch_size_per_image=32)  # fmt: skip
+
+# RAVLT.md §3: published parameter counts (M) at 80 classes
+PUBLISHED_PARAMS = {
+    **{("retinanet", f"ravlt_{v}"): m for v, m in zip("tsbl", (24, 34, 57, 104))},
+    **{("maskrcnn", f"ravlt_{v}"): m for v, m in zip("tsbl", (33, 44, 67, 114))},
+    **{("cascade_maskrcnn", f"ravlt_{v}"): m for v, m in zip("sbl", (82, 105, 152))},
+}
+
+
+def background_outputs(model: nn.Module) -> int:
+    """Parameters of torchvision's R-CNN outputs for the background class, which mmdet's heads lack."""
+    roi_heads = getattr(model, "roi_heads", None)
+    stages = [] if roi_heads is None else getattr(roi_heads, "stages", [roi_heads])
+    count = 0
+    for stage in stages:
+        if stage.box_predictor.bbox_pred.out_features > 4:  # per-class regression: a box for class 0
+            count += 4 * (stage.box_predictor.bbox_pred.in_features + 1)
+        count += stage.mask_predictor.mask_fcn_logits.in_channels + 1
+    return count
+
+
+@pytest.mark.parametrize(("detector", "variant"), list(PUBLISHED_PARAMS))
+def test_full_size_parameter_count_matches_published(detector, variant):
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = build_detector(detector, 80, variant)
+    params = sum(p.numel() for p in model.parameters())
+    # Mask R-CNN T lands at 33.503 M with torchvision's unused background outputs, 33.498 M without
+    published_layout = (params - background_outputs(model)) / 1e6
+    assert abs(published_layout - PUBLISHED_PARAMS[detector, variant]) <= 0.5, f"{params / 1e6:.3f} M"
+
+
+def test_fpn_adapter_follows_torchvision_backbone_contract():
+    backbone = ravlt_fpn("ravlt_t", TINY, out_channels=32)
+    features = backbone(torch.rand(1, 3, 64, 96))
+    assert backbone.out_channels == 32
+    assert list(features) == ["0", "1", "2", "3", "pool"]
+    assert [tuple(f.shape[-2:]) for f in features.values()] == [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]
+    assert {name for name, _ in backbone.named_children()} == {"body", "fpn"}
+
+
+def test_retinanet_levels_p3_to_p7_with_p6_from_c5():
+    c5_channels = TINY["embed_dims"][-1]
+    backbone = ravlt_fpn("ravlt_t", dict(TINY, embed_dims=[16, 32, 48, 32]), (1, 2, 3), 32, "p6p7")
+    extra = backbone.fpn.extra_blocks
+    assert isinstance(extra, LastLevelP6P7) and not extra.use_P5  # C5, even when C5 has the FPN's width
+    features = backbone(torch.rand(1, 3, 128, 128))
+    assert list(features) == ["0", "1", "2", "p6", "p7"]
+    assert [f.shape[-1] for f in features.values()] == [16, 8, 4, 2, 1]  # strides 8 ... 128
+    default = ravlt_fpn("ravlt_t", TINY, (1, 2, 3), 32, "p6p7")
+    assert default.fpn.extra_blocks.p6.in_channels == c5_channels
+
+
+@pytest.mark.parametrize("detector", ["retinanet", "maskrcnn", "cascade_maskrcnn"])
+def test_detector_trains_and_detects_at_input_size(detector):
+    torch.manual_seed(0)
+    model = build_detector(detector, 5, "ravlt_t", TINY, **SMALL_HEADS, **({} if detector == "retinanet" else FEW_ROIS))
+    assert isinstance(model.transform, PresizedTransform)
+    images = [torch.rand(3, 64, 80), torch.rand(3, 48, 64)]
+    masks = torch.zeros(2, 64, 80, dtype=torch.uint8)
+    masks[0, 10:30, 10:40] = masks[1, 30:60, 40:70] = 1
+    targets = [
+        {"boxes": torch.tensor([[10.0, 10, 40, 30], [40, 30, 70, 60]]), "labels": torch.tensor([1, 3]), "masks": masks},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+         "masks": torch.zeros(0, 48, 64, dtype=torch.uint8)},
+    ]  # fmt: skip
+    model.train()
+    losses = model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        detections = model(images)
+    assert len(detections) == 2
+    if detector != "retinanet":
+        assert detections[1]["masks"].shape[-2:] == (48, 64)  # no resize: outputs live in input pixels
+
+
+def test_presized_transform_normalises_and_pads_without_resizing():
+    transform = PresizedTransform().eval()
+    batch, _ = transform([torch.full((3, 50, 70), 0.5)])
+    assert batch.image_sizes == [(50, 70)]
+    assert batch.tensors.shape[-2:] == (64, 96)
+
+
+def test_rescale_detections_maps_boxes_and_masks_to_original_size():
+    masks = torch.zeros(1, 1, 40, 60)
+    masks[0, 0, 10:20, 30:60] = 0.9
+    det = {"boxes": torch.tensor([[30.0, 10, 60, 20]]), "labels": torch.tensor([0]), "scores": torch.tensor([1.0]),
+           "masks": masks}  # fmt: skip
+    (out,) = rescale_detections([det], [(40, 60)], [(80, 120)])
+    torch.testing.assert_close(out["boxes"], torch.tensor([[60.0, 20, 120, 40]]))
+    assert out["masks"].dtype == torch.bool and out["masks"].shape == (1, 80, 120)
+    assert out["masks"][0, 20:40, 60:120].all() and out["masks"].sum() == 20 * 60
+
+
+@pytest.mark.parametrize("detector", ["retinanet", "maskrcnn", "cascade_maskrcnn"])
+def test_dummy_forward_runs_every_head(detector):
+    model = build_detector(detector, 5, "ravlt_t", TINY, **SMALL_HEADS).eval()
+    with torch.no_grad():
+        outputs = dummy_forward(model, torch.rand(1, 3, 64, 64), num_rois=8, num_mask_rois=4)
+    if detector == "cascade_maskrcnn":  # rpn (2) + 3 stages × (scores, deltas, masks)
+        assert len(outputs) == 2 + 3 * 3
+        assert outputs[-1].shape == (4, 6, 28, 28)
+    elif detector == "maskrcnn":
+        assert len(outputs) == 2 + 3
+    else:
+        assert set(outputs) == {"cls_logits", "bbox_regression"}
+
+
+# -- cascade parts --------------------------------------------------------------------------------
+def test_cascade_box_head_is_four_conv_bn_and_one_fc():
+    head = conv_fc_box_head()
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 4 and all(c.out_channels == 256 and c.bias is None for c in convs)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in head.modules()) == 4
+    fcs = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    assert [(f.in_features, f.out_features) for f in fcs] == [(256 * 7 * 7, 1024)]
+
+
+def test_cascade_predictor_regresses_per_class_or_one_box():
+    assert CascadeBoxPredictor(64, 6).bbox_pred.out_features == 6 * 4
+    assert CascadeBoxPredictor(64, 6, class_agnostic=True).bbox_pred.out_features == 4
+
+
+def test_cascade_mask_rcnn_has_published_stage_settings():
+    model = build_detector("cascade_maskrcnn", 5, "ravlt_t", TINY, **SMALL_HEADS)
+    heads = model.roi_heads
+    assert isinstance(model, CascadeMaskRCNN) and isinstance(heads, CascadeRoIHeads)
+    assert [s.proposal_matcher.high_threshold for s in heads.stages] == [0.5, 0.6, 0.7]
+    assert [s.proposal_matcher.low_threshold for s in heads.stages] == [0.5, 0.6, 0.7]
+    assert [s.box_coder.weights for s in heads.stages] == [(10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)]
+    assert heads.stage_loss_weights == [1.0, 0.5, 0.25] and heads.box_loss_weight == 10.0
+    assert len({id(s.mask_head) for s in heads.stages}) == 3  # a mask head per stage
+    assert len({id(s.box_roi_pool) for s in heads.stages}) == 1  # one shared RoIAlign
+
+
+def _tiny_cascade(**kwargs) -> CascadeRoIHeads:
+    pool = MultiScaleRoIAlign(["0"], 7, 2)
+    return CascadeRoIHeads(
+        pool, [conv_fc_box_head(8, conv_channels=8, representation_size=16) for _ in range(3)],
+        [CascadeBoxPredictor(16, 4) for _ in range(3)], **kwargs,
+    )  # fmt: skip
+
+
+def _targets():
+    return [{"boxes": torch.tensor([[4.0, 4, 20, 20], [30, 10, 60, 40]]), "labels": torch.tensor([1, 2])}]
+
+
+def test_cascade_stage_losses_carry_the_stage_weights():
+    features = {"0": torch.rand(1, 8, 16, 16)}
+    proposals = [torch.tensor([[2.0, 2, 22, 22], [28, 8, 58, 44], [0, 0, 30, 30], [35, 5, 63, 30]])]
+    losses = {}
+    for weights in ((1.0, 0.5, 0.25), (1.0, 1.0, 1.0)):
+        heads = _tiny_cascade(stage_loss_weights=weights).train()
+        torch.manual_seed(0)
+        heads.load_state_dict(_tiny_cascade().state_dict())
+        torch.manual_seed(1)
+        losses[weights] = heads(features, proposals, [(64, 64)], _targets())[1]
+    published, ones = losses[(1.0, 0.5, 0.25)], losses[(1.0, 1.0, 1.0)]
+    assert set(published) == {f"loss_{n}_s{i}" for n in ("classifier", "box_giou") for i in range(3)}
+    for name in published:
+        ratio = {"0": 1.0, "1": 0.5, "2": 0.25}[name[-1]]
+        torch.testing.assert_close(published[name], ratio * ones[name])
+
+
+def test_cascade_giou_loss_is_weighted_sum_over_sampled_rois():
+    heads = _tiny_cascade()
+    pred = torch.tensor([[0.0, 0, 10, 10], [5, 5, 15, 15]])
+    gt = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10]])
+    expected = 10.0 * generalized_box_iou_loss(pred, gt, reduction="sum") / 8
+    torch.testing.assert_close(heads.giou_loss(pred, gt, num_sampled=8), expected)
+    assert heads.giou_loss(pred[:1], gt[:1], 8) == 0
+
+
+def test_cascade_inference_averages_the_stages_class_scores():
+    heads = _tiny_cascade(score_thresh=0.0).eval()
+    stage_logits = torch.tensor([[0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    for stage, logits in zip(heads.stages, stage_logits):
+        nn.init.zeros_(stage.box_predictor.cls_score.weight)
+        stage.box_predictor.cls_score.bias.data.copy_(logits)
+        nn.init.zeros_(stage.box_predictor.bbox_pred.weight)  # zero deltas: boxes stay the proposals
+        nn.init.zeros_(stage.box_predictor.bbox_pred.bias)
+    proposal = torch.tensor([[4.0, 4, 20, 20]])
+    with torch.no_grad():
+        (result,), _ = heads({"0": torch.rand(1, 8, 16, 16)}, [proposal], [(64, 64)])
+    expected = stage_logits.softmax(-1).mean(0)[1:]  # one candidate per object class
+    order = result["labels"].argsort()
+    torch.testing.assert_close(result["scores"][order], expected)
+    torch.testing.assert_close(result["boxes"], proposal.expand(3, 4))
+
+
+def test_cascade_refine_clips_and_drops_empty_boxes_in_training_only():
+    boxes = torch.tensor([[-5.0, -5, 10, 10], [70, 70, 90, 90], [10, 10, 30, 30]])
+    train = CascadeRoIHeads.refine(boxes, [3], [(64, 64)], drop_empty=True)[0]
+    torch.testing.assert_close(train, torch.tensor([[0.0, 0, 10, 10], [10, 10, 30, 30]]))
+    assert len(CascadeRoIHeads.refine(boxes, [3], [(64, 64)], drop_empty=False)[0]) == 3
+
+
+def test_cascade_trains_on_an_image_without_objects():
+    heads = _tiny_cascade().train()
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    _, losses = heads({"0": torch.rand(1, 8, 16, 16)}, [torch.tensor([[2.0, 2, 22, 22]])], [(64, 64)], empty)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert all(losses[f"loss_box_giou_s{i}"] == 0 for i in range(3))
+
+
+def test_builders_return_torchvision_detectors():
+    assert isinstance(build_detector("retinanet", 5, "ravlt_t", TINY, **SMALL_HEADS), RetinaNet)
+    model = build_detector("maskrcnn", 5, "ravlt_t", TINY, **SMALL_HEADS)
+    assert isinstance(model, MaskRCNN)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 6  # + background
+    with pytest.raises(ValueError, match="unknown detector"):
+        build_detector("yolo", 5)

@@ -1,0 +1,198 @@
+"""DetectionTask: every config runs end to end, COCOeval parity, reports, COCO results, predict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.utils.flop_counter import FlopCounterMode
+from torchmetrics.detection import MeanAveragePrecision
+
+from ravlt_pl.cli import main
+from ravlt_pl.data.coco import COCODataModule
+from ravlt_pl.data.synthetic import make_detection
+from ravlt_pl.tasks.detection import COCO_METRICS, DetectionTask, coco_results, metric_inputs
+from tests.conftest import TINY
+
+CONFIGS = sorted(p.relative_to("configs").as_posix() for p in Path("configs/det").glob("*.yaml"))
+SMALL = dict(fpn_channels=16, representation_size=32, mask_channels=8)
+FEW_ROIS = dict(rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=100,
+                rpn_post_nms_top_n_test=50, box_batch_size_per_image=32)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory) -> Path:
+    return make_detection(tmp_path_factory.mktemp("det") / "synth", num_train=4, num_val=6, image_size=(80, 64))
+
+
+def _datamodule(root: Path, **kwargs) -> COCODataModule:
+    args = dict(num_classes=5, scale=(96, 64), global_batch_size=None, batch_size=2, num_workers=0, pin_memory=False)
+    return COCODataModule(root, **{**args, **kwargs})
+
+
+def test_det_configs_cover_every_published_row():
+    expected = {f"det/retinanet_{v}_1x.yaml" for v in "tsbl"} | {f"det/maskrcnn_{v}_1x.yaml" for v in "tsbl"}
+    expected |= {f"det/{m}_{v}_3x.yaml" for m in ("maskrcnn", "cascade_maskrcnn") for v in "sbl"}
+    assert set(CONFIGS) == expected
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_config_fast_dev_run(config, coco_root, tmp_path):
+    rcnn = "retinanet" not in config
+    main([
+        "fit", "--config", config,
+        "--model.init_args.backbone_overrides", json.dumps(TINY),
+        *[arg for k, v in SMALL.items() for arg in (f"--model.init_args.{k}", str(v))],
+        "--model.init_args.detector_kwargs", json.dumps(FEW_ROIS if rcnn else {}),
+        "--data.init_args.root", str(coco_root), "--data.init_args.num_classes", "5",
+        "--data.init_args.scale", "[96, 64]", "--data.init_args.global_batch_size", "null",
+        "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+        "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+        "--trainer.num_nodes", "1", "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    ])  # fmt: skip
+    report = json.loads((tmp_path / "reports" / "fit" / "detection_val.json").read_text())
+    assert set(report["metrics"]) == ({"bbox", "segm"} if rcnn else {"bbox"})
+
+
+def test_summary_counts_flops_of_the_dummy_forward(capsys):
+    main(["summary", "--config", "det/maskrcnn_t_1x.yaml", "--model.init_args.backbone_overrides", json.dumps(TINY),
+          *[arg for k, v in SMALL.items() for arg in (f"--model.init_args.{k}", str(v))]])  # fmt: skip
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["input_size"] == [800, 1280] and result["gflops"] > 0
+
+
+# -- evaluation parity --------------------------------------------------------------------------------
+def _fixed_predictions(dataset, seed: int = 0) -> list[dict]:
+    """Per val image: jittered, sometimes mislabelled copies of the ground truth (masks shifted by a pixel)
+    plus two false positives."""
+    rng = np.random.default_rng(seed)
+    predictions = []
+    for index in range(len(dataset)):
+        _, target = dataset[index]
+        height, width = target["orig_size"]
+        boxes, labels, masks = [], [], []
+        for box, label, mask in zip(target["boxes"].tolist(), target["labels"].tolist(), target["masks"].numpy()):
+            size = max(box[2] - box[0], box[3] - box[1])
+            boxes.append(np.clip(np.array(box) + rng.normal(0, 0.08 * size, 4), 0, [width, height, width, height]))
+            labels.append(label if rng.random() > 0.2 else int(rng.integers(5)))
+            masks.append(np.roll(mask, tuple(rng.integers(-1, 2, 2)), axis=(0, 1)))
+        for _ in range(2):  # false positives
+            x0, y0 = rng.uniform(0, width - 12), rng.uniform(0, height - 12)
+            x1, y1 = x0 + rng.uniform(6, 20), y0 + rng.uniform(6, 20)
+            boxes.append(np.array([x0, y0, min(x1, width), min(y1, height)]))
+            labels.append(int(rng.integers(5)))
+            fp = np.zeros((height, width), np.uint8)
+            fp[int(y0) : int(y1), int(x0) : int(x1)] = 1
+            masks.append(fp)
+        predictions.append({
+            "boxes": torch.tensor(np.array(boxes), dtype=torch.float32),
+            "scores": torch.tensor(rng.uniform(0.05, 1.0, len(boxes)), dtype=torch.float32),
+            "labels": torch.tensor(labels),
+            "masks": torch.from_numpy(np.array(masks)).bool(),
+        })  # fmt: skip
+    return predictions
+
+
+def test_metrics_equal_pycocotools_cocoeval_on_the_annotation_file(coco_root):
+    dm = _datamodule(coco_root)
+    dm.setup("validate")
+    dataset = dm.datasets["val"]
+    predictions = _fixed_predictions(dataset)
+    targets = [dataset[i][1] for i in range(len(dataset))]
+    metric = MeanAveragePrecision(iou_type=("bbox", "segm"), class_metrics=True)
+    metric.update(*metric_inputs(predictions, targets))
+    ours = metric.compute()
+    results = [r for p, t in zip(predictions, targets) for r in coco_results(p, t["image_id"], dm.category_ids)]
+    gt = COCO(str(coco_root / "annotations" / "instances_val2017.json"))
+    assert sum(t["iscrowd"].sum().item() for t in targets) > 0  # crowd regions take part
+    for iou in ("bbox", "segm"):
+        evaluation = COCOeval(gt, gt.loadRes([dict(r) for r in results]), iou)
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+        expected = np.asarray(evaluation.stats)
+        actual = np.array([ours[f"{iou}_{key}"].item() for key in COCO_METRICS])
+        np.testing.assert_allclose(actual, expected, atol=1e-6, err_msg=iou)
+        assert 0.1 < expected[0] < 0.95 and expected[2] > 0  # a set that tests something
+
+
+def test_coco_results_use_original_ids_xywh_boxes_and_rle():
+    masks = torch.zeros(1, 6, 8, dtype=torch.bool)
+    masks[0, 1:4, 2:7] = True
+    det = {"boxes": torch.tensor([[2.0, 1, 7, 4]]), "scores": torch.tensor([0.5]), "labels": torch.tensor([2]),
+           "masks": masks}  # fmt: skip
+    (record,) = coco_results(det, image_id=1007, category_ids=[1, 3, 7, 11, 16])
+    assert record["image_id"] == 1007 and record["category_id"] == 7
+    assert record["bbox"] == [2.0, 1.0, 5.0, 3.0] and record["score"] == 0.5
+    rle = record["segmentation"]
+    decoded = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()})
+    assert (decoded == masks[0].numpy()).all()
+
+
+# -- reports and predict --------------------------------------------------------------------------------
+def _task(detector: str = "maskrcnn", **kwargs) -> DetectionTask:
+    # score threshold 0: an untrained model still returns detections, so every file has content
+    kwargs = {"detector_kwargs": {**FEW_ROIS, "box_score_thresh": 0.0}, **SMALL, **kwargs}
+    return DetectionTask(5, detector, "ravlt_t", TINY, **kwargs)
+
+
+def _trainer(tmp_path: Path) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path,
+                     enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+
+
+def test_validate_writes_report_and_coco_results(coco_root, tmp_path):
+    task = _task(report_dir=str(tmp_path / "reports"), num_drawn_images=2)
+    _trainer(tmp_path).validate(task, datamodule=_datamodule(coco_root), verbose=False)
+    out = tmp_path / "reports"
+    report = json.loads((out / "detection_val.json").read_text())
+    assert report["headline"]["name"] == "bbox_map" and 0 <= report["headline"]["value"] <= 1
+    assert list(report["metrics"]["segm"]) == list(COCO_METRICS.values())
+    assert set(report["per_category_ap"]["bbox"]) <= {"circle", "square", "triangle", "star", "cross"}
+    assert (out / "detection_val.md").read_text().startswith("# Detection report (val, maskrcnn")
+    assert (out / "detection_val_predictions.png").stat().st_size > 0
+    gt = COCO(str(coco_root / "annotations" / "instances_val2017.json"))
+    for iou in ("bbox", "segm"):
+        results = json.loads((out / f"predictions_{iou}.json").read_text())
+        assert results and {r["image_id"] for r in results} <= set(gt.getImgIds())
+        assert {r["category_id"] for r in results} <= set(gt.getCatIds())
+        gt.loadRes(results)  # pycocotools accepts them as they are
+
+
+def test_retinanet_reports_boxes_only_and_rejects_a_mask_headline(coco_root, tmp_path):
+    task = _task("retinanet", detector_kwargs={"score_thresh": 0.0}, report_dir=str(tmp_path))
+    _trainer(tmp_path).validate(task, datamodule=_datamodule(coco_root, with_masks=False), verbose=False)
+    assert set(json.loads((tmp_path / "detection_val.json").read_text())["metrics"]) == {"bbox"}
+    assert not (tmp_path / "predictions_segm.json").exists()
+    with pytest.raises(ValueError, match="needs masks"):
+        _task("retinanet", headline="segm_map")
+
+
+def test_predict_writes_drawn_images_and_results_for_a_folder(coco_root, tmp_path):
+    folder = coco_root / "val2017"
+    task = _task(report_dir=str(tmp_path))
+    outputs = _trainer(tmp_path).predict(task, datamodule=_datamodule(coco_root, predict_dir=str(folder)))
+    files = sorted(folder.iterdir())
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == sorted(f"{f.stem}.png" for f in files)
+    results = json.loads((tmp_path / "predictions_segm.json").read_text())
+    assert {r["image_id"] for r in results} <= {int(f.stem) for f in files}
+    first = outputs[0][0]
+    assert first["file_name"] == files[0].name and first["boxes"].shape[-1] == 4
+    assert int(first["labels"].max()) < 5 and first["boxes"][:, 2].max() <= 80  # original pixels, 0-based labels
+
+
+def test_flops_forward_counts_backbone_and_heads():
+    task = _task().eval()
+    assert task.summary_input_size == (800, 1280)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        task.flops_forward(torch.rand(1, 3, 64, 64))
+    assert counter.get_total_flops() > 0
