@@ -12,7 +12,7 @@ from torch.utils.data import Subset
 
 from ..data.imagenet import ImageFiles
 from ..models import RAVLT, build_backbone, load_official
-from ..models.checkpoint import CheckpointError, _read
+from ..models.checkpoint import CheckpointError, read_checkpoint
 
 DEFAULT_IMAGES = Path("data/synthetic/classification/val")
 
@@ -77,7 +77,7 @@ def load_weights(model: RAVLT, path: str | Path, use_ema: bool = False) -> str:
     Every stem and stage tensor must be loaded (a partly random backbone would be measured
     otherwise); only the head-side tensors (``proj``/``norm``) may stay at init.
     """
-    raw, source = _read(path)
+    raw, source = read_checkpoint(path)
     if "pytorch-lightning_version" in raw:
         state = _lightning_backbone_state(raw["state_dict"], model, source, use_ema)
         model.load_state_dict(state, strict=False)

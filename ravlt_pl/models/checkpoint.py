@@ -45,7 +45,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
     return {k.replace(".RoPE.", ".rope."): v for k, v in state_dict.items()}
 
 
-def _read(checkpoint: str | Path | Mapping) -> tuple[Mapping, str]:
+def read_checkpoint(checkpoint: str | Path | Mapping) -> tuple[Mapping, str]:
+    """A checkpoint dict and a name for messages; unreadable files raise :class:`CheckpointError`."""
     if isinstance(checkpoint, Mapping):
         return checkpoint, "<state dict>"
     path = Path(checkpoint)
@@ -98,7 +99,7 @@ def load_official(
     Any shape mismatch raises :class:`CheckpointError` naming the first key and both shapes, unless
     the key starts with one of ``exclude`` (e.g. ``("head.",)`` to fine-tune on other classes).
     """
-    raw, source = _read(checkpoint)
+    raw, source = read_checkpoint(checkpoint)
     state = checkpoint_filter_fn(extract_backbone_state(raw, source, use_ema), model)
     own = model.state_dict()
     report = LoadReport(source)
