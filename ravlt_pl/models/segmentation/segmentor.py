@@ -1,0 +1,165 @@
+"""The encoder–decoder segmentor: backbone (+ neck) + decode head (+ auxiliary head), and its inference.
+
+Inference follows mmsegmentation's ``EncoderDecoder``: ``whole`` runs the image at once (the
+published setting), ``slide`` averages overlapping crops; ``predict`` adds multi-scale + flip
+test-time augmentation by averaging softmax probabilities resized to the output size.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..variants import build_backbone
+from .heads import FCNHead, FPNHead, FPNNeck
+from .upernet import UPerHead
+
+InferenceMode = Literal["whole", "slide"]
+Decoder = Literal["fpn", "upernet"]
+
+
+def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize of logits or images, ``align_corners=False`` (mmseg's default)."""
+    size = tuple(int(s) for s in size)
+    return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class EncoderDecoder(nn.Module):
+    """``forward`` gives the decode head's logits at stride 4; the rest is training and test plumbing.
+
+    Args:
+        backbone: returns a list of maps (strides 4/8/16/32).
+        decode_head: maps the (neck's) list of maps to logits at stride 4.
+        neck: optional map-list → map-list module (Semantic FPN's FPN).
+        auxiliary_head: optional head on one backbone map, used only for the training loss.
+        auxiliary_index: which backbone map the auxiliary head reads (2 = stage 3).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        decode_head: nn.Module,
+        neck: nn.Module | None = None,
+        auxiliary_head: nn.Module | None = None,
+        auxiliary_index: int = 2,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.decode_head = decode_head
+        self.auxiliary_head = auxiliary_head
+        self.auxiliary_index = auxiliary_index
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) → logits (B, K, ~H/4, ~W/4)."""
+        return self.forward_train(images)["decode"]
+
+    def forward_train(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits at stride 4 of the decode head (``decode``) and, if any, the auxiliary head (``aux``)."""
+        features = self.backbone(images)
+        out = {"decode": self.decode_head(self.neck(features) if self.neck is not None else features)}
+        if self.auxiliary_head is not None and self.training:
+            out["aux"] = self.auxiliary_head(features[self.auxiliary_index])
+        return out
+
+    def encode_decode(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits resized to the input size (B, K, H, W)."""
+        return resize(self(images), images.shape[-2:])
+
+    def slide_inference(self, images: torch.Tensor, crop_size: Sequence[int], stride: Sequence[int]) -> torch.Tensor:
+        """Average logits of ``crop_size`` windows every ``stride`` px; the last window is flush with the border."""
+        (h_crop, w_crop), (h_stride, w_stride) = crop_size, stride
+        batch, _, height, width = images.shape
+        rows = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
+        cols = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
+        logits = counts = None
+        for r in range(rows):
+            for c in range(cols):
+                y2, x2 = min(r * h_stride + h_crop, height), min(c * w_stride + w_crop, width)
+                y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
+                crop = self.encode_decode(images[:, :, y1:y2, x1:x2])
+                if logits is None:
+                    logits = crop.new_zeros(batch, crop.shape[1], height, width)
+                    counts = crop.new_zeros(1, 1, height, width)
+                logits[:, :, y1:y2, x1:x2] += crop
+                counts[:, :, y1:y2, x1:x2] += 1
+        return logits / counts
+
+    def inference(
+        self,
+        images: torch.Tensor,
+        mode: InferenceMode = "whole",
+        crop_size: Sequence[int] = (512, 512),
+        stride: Sequence[int] = (341, 341),
+    ) -> torch.Tensor:
+        """Logits (B, K, H, W) at the input size, by ``whole`` image or ``slide``-window inference."""
+        if mode == "whole":
+            return self.encode_decode(images)
+        if mode == "slide":
+            return self.slide_inference(images, crop_size, stride)
+        raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: torch.Tensor,
+        out_size: Sequence[int] | None = None,
+        mode: InferenceMode = "whole",
+        scales: Sequence[float] = (1.0,),
+        flip: bool = False,
+        crop_size: Sequence[int] = (512, 512),
+        stride: Sequence[int] = (341, 341),
+    ) -> torch.Tensor:
+        """Class probabilities (B, K, *out_size), averaged over ``scales`` × (flip) test-time augmentations.
+
+        Each scale resizes the input by that ratio (mmseg's ``img_ratios`` 0.5–1.75 for multi-scale);
+        each view's logits go back to the input size, then to ``out_size`` (the label's size), then
+        through a softmax, as mmseg's ``aug_test`` does.
+        """
+        out_size = tuple(out_size or images.shape[-2:])
+        height, width = images.shape[-2:]
+        probs = None
+        for scale in scales:
+            scaled = images if scale == 1 else resize(images, (int(height * scale + 0.5), int(width * scale + 0.5)))
+            for flipped in (False, True) if flip else (False,):
+                view = scaled.flip(-1) if flipped else scaled
+                logits = self.inference(view, mode, crop_size, stride).float()  # bf16 under autocast
+                logits = logits.flip(-1) if flipped else logits
+                p = resize(resize(logits, (height, width)), out_size).softmax(dim=1)
+                probs = p if probs is None else probs + p
+        return probs / (len(scales) * (2 if flip else 1))
+
+
+def build_segmentor(
+    decoder: Decoder,
+    num_classes: int,
+    variant: str = "ravlt_s",
+    backbone_overrides: dict | None = None,
+    drop_path_rate: float | None = None,
+    head_channels: int | None = None,
+    fpn_channels: int = 256,
+    aux_channels: int = 256,
+    norm_eval: bool = True,
+) -> EncoderDecoder:
+    """RAVLT + Semantic FPN or + UperNet; the defaults are the published widths.
+
+    ``fpn``: FPN of ``fpn_channels`` (256) + ``FPNHead`` of ``head_channels`` (128).
+    ``upernet``: ``UPerHead`` of ``head_channels`` (512), pool scales (1, 2, 3, 6), and the
+    auxiliary ``FCNHead`` of ``aux_channels`` (256) on stage 3. ``norm_eval`` freezes the
+    backbone's BatchNorm statistics (the published setting for an ImageNet-initialised backbone).
+    """
+    kwargs = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
+    backbone = build_backbone(variant, backbone_overrides, out_indices=(0, 1, 2, 3), norm_eval=norm_eval, **kwargs)
+    channels = backbone.out_channels
+    if decoder == "fpn":
+        neck = FPNNeck(channels, fpn_channels)
+        head = FPNHead(neck.out_channels, num_classes, channels=head_channels or 128)
+        return EncoderDecoder(backbone, head, neck=neck)
+    if decoder == "upernet":
+        head = UPerHead(channels, num_classes, channels=head_channels or 512, pool_scales=(1, 2, 3, 6))
+        auxiliary = FCNHead(channels[2], num_classes, channels=aux_channels)
+        return EncoderDecoder(backbone, head, auxiliary_head=auxiliary, auxiliary_index=2)
+    raise ValueError(f"decoder must be 'fpn' or 'upernet', got {decoder!r}")
