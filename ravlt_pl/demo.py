@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from .cli import build_cli
@@ -16,7 +17,8 @@ from .data import synthetic
 
 DEMOS = {
     # task: (generator, data directory, root passed to the data module, config)
-    "classification": (synthetic.make_classification, "data/synthetic/classification", "", "configs/demo/cls.yaml"),
+    "classification": (partial(synthetic.make_classification, train_per_class=400, val_per_class=50, image_size=32),
+                       "data/synthetic/classification", "", "configs/demo/cls.yaml"),
     "detection": (synthetic.make_detection, "data/synthetic/detection", "", "configs/demo/det.yaml"),
     "segmentation": (synthetic.make_segmentation, "data/synthetic/segmentation", "ADEChallengeData2016",
                      "configs/demo/seg.yaml"),
