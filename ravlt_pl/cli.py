@@ -17,7 +17,10 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from .callbacks import AtomicCheckpointIO, FaultTolerance, LastCheckpoint, find_last_checkpoint
 from .data.base import BaseDataModule
 from .data.errors import DatasetError
 from .models.checkpoint import CheckpointError
@@ -62,13 +65,27 @@ class RAVLTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         task = self.model
-        callbacks = kwargs.setdefault("callbacks", [])
-        callbacks.append(
-            ModelCheckpoint(monitor=task.monitor, mode=task.mode, save_last=True, filename="best-{epoch}-{step}")
-        )
+        config = self._get(self.config_init, "trainer", default={})
+        # Ours are added to (not in place of) the config's trainer.callbacks.
+        configured = config.get("callbacks") or []
+        callbacks = kwargs.setdefault("callbacks", list(configured) if isinstance(configured, list) else [configured])
+        callbacks.append(ModelCheckpoint(monitor=task.monitor, mode=task.mode, filename="best-{epoch}-{step}"))
+        callbacks.append(LastCheckpoint())  # last.ckpt: the latest state at every validation/epoch end
         if self.subcommand == "fit":
             callbacks.append(LearningRateMonitor(logging_interval="step"))
+            callbacks.append(FaultTolerance())  # Slurm requeue / SIGTERM checkpoints at step boundaries
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # checkpoints written temp + rename
+            kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        # `--ckpt_path last`: the newest last/hpc checkpoint under the run's root, whichever logger
+        # version wrote it (Lightning looks in the new run's version folder only).
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last" and (found := find_last_checkpoint(self.trainer.default_root_dir)):
+            config["ckpt_path"] = str(found)
 
 
 def build_cli(args: list[str], run: bool = True) -> RAVLTCLI:
@@ -133,6 +150,8 @@ def main(args: list[str] | None = None) -> RAVLTCLI | dict | None:
             analyze_rank(args[1:])
             return
         return build_cli(args)
+    except SIGTERMException:
+        sys.exit("stopped by SIGTERM; a requeued Slurm job resumes by itself, else rerun with --ckpt_path last")
     except (DatasetError, CheckpointError, FileNotFoundError) as err:
         message = str(err).split("Original Traceback")[0].strip()
         if "DataLoader worker" in message:  # keep the named file, drop the worker preamble

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -78,6 +79,14 @@ class BaseDataModule(LightningDataModule):
             )
         return self.batch_size
 
+    def _resume_position(self) -> tuple[int, int] | None:
+        """(epoch, batches of it already trained) while ``fit`` restarts from a checkpoint, else None."""
+        trainer = self.trainer
+        if trainer is None or not trainer.fit_loop.restarting:
+            return None
+        loop = trainer.fit_loop
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
@@ -92,19 +101,23 @@ class BaseDataModule(LightningDataModule):
     ) -> DataLoader:
         """A DataLoader that shards itself over processes (the CLI turns Lightning's sampler swap off).
 
-        Training shards with a shuffling ``DistributedSampler`` unless ``sampler`` is given (e.g.
-        repeated augmentation, already distributed); evaluation shards without padding, so every
-        sample is scored exactly once whatever the world size.
+        Training shards with a shuffling ``DistributedSampler`` (seeded by epoch, also on one
+        process) unless ``sampler`` is given (e.g. repeated augmentation, already distributed), wrapped
+        in a :class:`ResumableSampler` so a run resumed mid-epoch continues with the next unseen
+        batch; evaluation shards without padding, so every sample is scored exactly once whatever
+        the world size.
         """
         world, rank = self._world()
-        if sampler is None and world > 1:
-            sampler = (
-                DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, drop_last=True)
-                if train
-                else ShardedEvalSampler(len(dataset), world, rank)
-            )
+        if train:
+            # Seeded per epoch even on one process, so a resumed run sees the same order.
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            if sampler is None:
+                sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
+            sampler = ResumableSampler(sampler, self._resume_position, batch_size or self.per_device_batch_size())
+        elif sampler is None and world > 1:
+            sampler = ShardedEvalSampler(len(dataset), world, rank)
         workers = self.num_workers
-        return DataLoader(
+        return (ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=batch_size or self.per_device_batch_size(),
             shuffle=train and sampler is None,
@@ -132,3 +145,53 @@ class ShardedEvalSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning counts as resumable mid-epoch: its :class:`ResumableSampler`
+    takes the position from the restored loop counters, so there is no state of its own to save."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class ResumableSampler(Sampler[int]):
+    """A training sampler that continues an epoch part-way through after a resume.
+
+    Lightning restores the loop counters (epoch, batches done) but not the position inside a plain
+    sampler, and it may build the loader before restoring them. So the position is asked for when
+    iteration starts: ``position()`` gives ``(epoch, batches already trained)`` while ``fit`` is
+    resuming (``None`` otherwise); the wrapper then starts that epoch's order after those batches,
+    so no batch is seen twice or missed. ``set_epoch`` (Lightning, each epoch) reaches the wrapped
+    sampler.
+    """
+
+    def __init__(self, sampler: Sampler[int], position: Callable[[], tuple[int, int] | None], batch_size: int) -> None:
+        self.sampler = sampler
+        self.position = position
+        self.batch_size = batch_size
+        self.epoch = 0
+        self._resumed_at: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        skip = 0
+        position = self.position()
+        if position is not None and position != self._resumed_at:  # the first pass after a resume
+            self._resumed_at = position
+            epoch, batches = position
+            self.set_epoch(epoch)
+            skip = batches * self.batch_size
+        for i, index in enumerate(self.sampler):
+            if i >= skip:
+                yield index
+
+    def __len__(self) -> int:
+        return len(self.sampler)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.optim import AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..callbacks import check_checkpoint_compatible
 from ..models import load_official
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,16 @@ class BaseTask(LightningModule):
         """The inference forward whose FLOPs ``summary`` counts (one image, eval mode)."""
         return self.model(images)
 
+    # -- checkpoints ------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["task_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another config with what differs, not a size-mismatch traceback."""
+        trainer = self._trainer
+        source = str(trainer.ckpt_path) if trainer is not None and trainer.ckpt_path else "checkpoint"
+        check_checkpoint_compatible(self, checkpoint, source)
+
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
         optimizer = self.optimizer(param_groups(self.model))
@@ -149,7 +160,9 @@ class BaseTask(LightningModule):
     def report_dir(self) -> Path:
         if self._report_dir:
             return Path(self._report_dir)
-        base = self.trainer.log_dir or self.trainer.default_root_dir
+        # Not trainer.log_dir: it is a collective (broadcast), and reports are written on rank 0 only.
+        logger = self.trainer.logger
+        base = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or self.trainer.default_root_dir
         stage = {TrainerFn.FITTING: "fit", TrainerFn.VALIDATING: "validate", TrainerFn.TESTING: "test"}.get(
             self.trainer.state.fn, "predict"
         )
