@@ -47,6 +47,7 @@ class DetectionTask(BaseTask):
         fpn_channels: FPN width (256 published).
         representation_size: box head fc width (1024 published).
         mask_channels: mask head width (256 published).
+        anchor_scale: multiplies torchvision's anchor sizes (1 published; 0.5 for objects half the COCO size).
         detector_kwargs: further torchvision detector arguments (``box_batch_size_per_image``,
             ``rpn_post_nms_top_n_train``, ``box_score_thresh``, ...; Cascade: ``class_agnostic``).
         headline: metric named as the report's headline and monitored for the best checkpoint.
@@ -71,6 +72,7 @@ class DetectionTask(BaseTask):
         fpn_channels: int = 256,
         representation_size: int = 1024,
         mask_channels: int = 256,
+        anchor_scale: float = 1.0,
         detector_kwargs: dict | None = None,
         headline: Headline = "bbox_map",
         draw_score_threshold: float = 0.3,
@@ -84,7 +86,7 @@ class DetectionTask(BaseTask):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.model = build_detector(
             detector, num_classes, variant, backbone_overrides, drop_path_rate,
-            fpn_channels, representation_size, mask_channels, **(detector_kwargs or {}),
+            fpn_channels, representation_size, mask_channels, anchor_scale, **(detector_kwargs or {}),
         )  # fmt: skip
         self.load_pretrained_backbone(self.model.backbone.body)
         self.label_offset = LABEL_OFFSET[detector]
@@ -93,8 +95,10 @@ class DetectionTask(BaseTask):
             raise ValueError(f"headline {headline!r} needs masks; {detector} predicts boxes only")
         self.headline = headline
         self.monitor = f"val/{headline}"
+        # synced by gather_compute, not by torchmetrics (which needs equal image counts per process)
         self.metrics = nn.ModuleDict({
-            stage: MeanAveragePrecision(iou_type=self.iou_types, class_metrics=True) for stage in ("val", "test")
+            stage: MeanAveragePrecision(iou_type=self.iou_types, class_metrics=True, sync_on_compute=False)
+            for stage in ("val", "test")
         })  # fmt: skip
         self._results: list[dict] = []  # COCO-format detections of the epoch being reported
         self._drawn: list[tuple[Tensor, dict]] = []
@@ -166,7 +170,7 @@ class DetectionTask(BaseTask):
         self._epoch_end("test")
 
     def _epoch_end(self, stage: str) -> None:
-        computed = self.metrics[stage].compute()
+        computed = gather_compute(self.metrics[stage])
         self.metrics[stage].reset()
         if len(self.iou_types) == 1:  # torchmetrics prefixes its keys with the IoU type only when there are two
             computed = {(f"{self.iou_types[0]}_{k}" if k != "classes" else k): v for k, v in computed.items()}
@@ -279,6 +283,23 @@ def coco_results(detection: dict[str, Tensor], image_id: int, category_ids: Sequ
         for record, rle in zip(records, mask_utils.encode(np.asfortranarray(masks))):
             record["segmentation"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
     return records
+
+
+def gather_compute(metric: MeanAveragePrecision) -> dict:
+    """``compute`` over every process's images.
+
+    torchmetrics' own sync all-gathers the per-image states tensor by tensor, which needs the same
+    image count on every process; evaluation shards are uneven (each image is scored exactly once),
+    so the states travel as Python objects instead.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        state = metric.metric_state  # lists with one entry per image
+        local = {k: [v.cpu() if isinstance(v, Tensor) else v for v in values] for k, values in state.items()}
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+        for key in local:
+            setattr(metric, key, [item for part in parts for item in part[key]])
+    return metric.compute()
 
 
 def gather(items: list) -> list:

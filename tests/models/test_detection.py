@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection import MaskRCNN, RetinaNet, faster_rcnn, retinanet
 from torchvision.ops import MultiScaleRoIAlign, generalized_box_iou_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ravlt_pl.models.detection import (
     CascadeBoxPredictor, CascadeMaskRCNN, CascadeRoIHeads, PresizedTransform, build_detector, conv_fc_box_head,
-    dummy_forward, ravlt_fpn, rescale_detections,
+    anchors, dummy_forward, ravlt_fpn, rescale_detections,
 )  # fmt: skip
 from tests.conftest import TINY
 
@@ -232,3 +232,11 @@ def test_builders_return_torchvision_detectors():
     assert model.roi_heads.box_predictor.cls_score.out_features == 6  # + background
     with pytest.raises(ValueError, match="unknown detector"):
         build_detector("yolo", 5)
+
+
+def test_anchors_are_torchvisions_defaults_times_the_scale():
+    for detector, default in (("retinanet", retinanet._default_anchorgen()), ("maskrcnn", faster_rcnn._default_anchorgen())):
+        assert anchors(detector).sizes == tuple(tuple(float(v) for v in level) for level in default.sizes)
+        assert anchors(detector, 0.5).sizes[0][0] == 16.0
+    model = build_detector("cascade_maskrcnn", 5, "ravlt_t", TINY, **SMALL_HEADS, anchor_scale=0.5)
+    assert model.rpn.anchor_generator.sizes[0] == (16.0,)

@@ -3,12 +3,12 @@
 from .backbone import RAVLTWithFPN, ravlt_fpn
 from .cascade import CascadeBoxPredictor, CascadeMaskRCNN, CascadeRoIHeads, conv_fc_box_head
 from .detectors import (
-    DETECTORS, HAS_MASKS, LABEL_OFFSET, DetectorName, PresizedTransform, build_detector, dummy_forward,
+    DETECTORS, HAS_MASKS, LABEL_OFFSET, DetectorName, PresizedTransform, anchors, build_detector, dummy_forward,
     rescale_detections,
 )
 
 __all__ = [
     "RAVLTWithFPN", "ravlt_fpn", "CascadeBoxPredictor", "CascadeMaskRCNN", "CascadeRoIHeads", "conv_fc_box_head",
     "DETECTORS", "HAS_MASKS", "LABEL_OFFSET", "DetectorName", "PresizedTransform", "build_detector",
-    "dummy_forward", "rescale_detections",
+    "anchors", "dummy_forward", "rescale_detections",
 ]  # fmt: skip

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, _default_anchorgen
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -234,6 +235,7 @@ class CascadeMaskRCNN(GeneralizedRCNN):
         representation_size: width of each stage's fc layer (1024 published).
         mask_channels: width of each stage's 4-conv mask head (256 published).
         class_agnostic: one regressed box per RoI instead of one per class (published: per class).
+        anchor_generator: RPN anchors (torchvision's Faster/Mask R-CNN default when ``None``).
         The remaining arguments are torchvision's ``MaskRCNN`` arguments of the same names.
     """
 
@@ -245,6 +247,7 @@ class CascadeMaskRCNN(GeneralizedRCNN):
         representation_size: int = 1024,
         mask_channels: int = 256,
         class_agnostic: bool = False,
+        anchor_generator: AnchorGenerator | None = None,
         rpn_pre_nms_top_n_train: int = 2000,
         rpn_pre_nms_top_n_test: int = 1000,
         rpn_post_nms_top_n_train: int = 2000,
@@ -258,7 +261,7 @@ class CascadeMaskRCNN(GeneralizedRCNN):
         num_stages: int = 3,
     ) -> None:
         channels = backbone.out_channels
-        anchors = _default_anchorgen()
+        anchors = anchor_generator or _default_anchorgen()
         rpn = RegionProposalNetwork(
             anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]),
             fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=rpn_batch_size_per_image, positive_fraction=0.5,

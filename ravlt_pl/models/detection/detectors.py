@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
@@ -55,6 +56,7 @@ def build_detector(
     fpn_channels: int = 256,
     representation_size: int = 1024,
     mask_channels: int = 256,
+    anchor_scale: float = 1.0,
     **kwargs,
 ) -> nn.Module:
     """A torchvision detector around a RAVLT variant with a ``fpn_channels``-wide FPN.
@@ -66,12 +68,15 @@ def build_detector(
         variant, backbone_overrides, drop_path_rate: the RAVLT backbone (see ``build_backbone``).
         fpn_channels, representation_size, mask_channels: widths of the FPN, the box head's fc
             layers and the mask head (256/1024/256 published; smaller for a CPU demo).
+        anchor_scale: multiplies every anchor size (torchvision's defaults, 1 published); 0.5 suits
+            images whose objects are half the usual size in pixels.
         kwargs: further arguments of torchvision's ``RetinaNet`` / ``MaskRCNN`` (or
             :class:`CascadeMaskRCNN`), e.g. ``box_batch_size_per_image``.
     """
     if detector == "retinanet":
         backbone = ravlt_fpn(variant, backbone_overrides, (1, 2, 3), fpn_channels, "p6p7", drop_path_rate)
-        model = RetinaNet(backbone, num_classes, **{"detections_per_img": 100, **kwargs})
+        model = RetinaNet(backbone, num_classes, anchor_generator=anchors(detector, anchor_scale),
+                          **{"detections_per_img": 100, **kwargs})  # fmt: skip
     elif detector == "maskrcnn":
         backbone = ravlt_fpn(variant, backbone_overrides, (0, 1, 2, 3), fpn_channels, "maxpool", drop_path_rate)
         classes = num_classes + 1
@@ -81,18 +86,30 @@ def build_detector(
             box_predictor=FastRCNNPredictor(representation_size, classes),
             mask_head=MaskRCNNHeads(fpn_channels, [mask_channels] * 4, dilation=1),
             mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, classes),
+            rpn_anchor_generator=anchors(detector, anchor_scale),
             **{"rpn_post_nms_top_n_train": 1000, **kwargs},  # mmdet keeps 1000 proposals per image in training
         )  # fmt: skip
     elif detector == "cascade_maskrcnn":
         backbone = ravlt_fpn(variant, backbone_overrides, (0, 1, 2, 3), fpn_channels, "maxpool", drop_path_rate)
         model = CascadeMaskRCNN(
             backbone, num_classes + 1, PresizedTransform(), representation_size, mask_channels,
-            **{"rpn_post_nms_top_n_train": 1000, **kwargs},
+            anchor_generator=anchors(detector, anchor_scale), **{"rpn_post_nms_top_n_train": 1000, **kwargs},
         )  # fmt: skip
     else:
         raise ValueError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
     model.transform = PresizedTransform()
     return model
+
+
+def anchors(detector: str, scale: float = 1.0) -> AnchorGenerator:
+    """torchvision's default anchors for ``detector``, every size multiplied by ``scale``.
+
+    R-CNN: one size per level, 32 on P2 ... 512 on P6; RetinaNet: three octave scales per level from
+    32 on P3 ... 512 on P7 (mmdet ``octave_base_scale=4``); aspect ratios .5, 1, 2 everywhere.
+    """
+    octaves = (1.0, 2 ** (1 / 3), 2 ** (2 / 3)) if detector == "retinanet" else (1.0,)
+    sizes = tuple(tuple(float(int(base * o)) * scale for o in octaves) for base in (32, 64, 128, 256, 512))
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
 
 
 def rescale_detections(
