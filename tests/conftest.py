@@ -9,6 +9,9 @@ import torch
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+# Tiny models: one intra-op thread beats two fighting the data loader on a 2-core machine.
+torch.set_num_threads(1)
+
 # Small enough for CPU tests, every code path present (both attention types, layerscale on and off).
 TINY = dict(
     embed_dims=[16, 32, 48, 64], depths=[1, 1, 1, 1], num_heads=[1, 2, 3, 4], mlp_ratios=2.0,

@@ -352,11 +352,6 @@ def test_two_process_classification_equals_one_process(one_and_two):
         assert one_logged[key] == two_logged[key], key
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Lightning 2.6 averages the per-process image counts of a sync_dist epoch mean as integers "
-    "(13 images on 2 processes count as 12): ClassificationTask's val/loss needs a torchmetrics MeanMetric",
-)
 def test_two_process_classification_loss_equals_one_process(one_and_two):
     if "classification" not in one_and_two:
         pytest.skip("no classification run")

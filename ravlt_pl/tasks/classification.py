@@ -11,7 +11,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torch.optim import AdamW
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from .. import reports
@@ -85,6 +85,8 @@ class ClassificationTask(BaseTask):
         self.soft_loss = SoftTargetCrossEntropy()
         self.summary_input_size = (image_size, image_size)
         self.metrics = nn.ModuleDict({stage: _accuracy_metrics(num_classes) for stage in ("val", "test")})
+        # A metric, not a sync_dist mean: weighted by images, exact over uneven shards.
+        self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
         self.ema_metrics = nn.ModuleDict({stage: _accuracy_metrics(num_classes) for stage in ("val", "test")})
         self.confusion = MulticlassConfusionMatrix(num_classes)
         self.init_ema()
@@ -106,7 +108,8 @@ class ClassificationTask(BaseTask):
     def _evaluate(self, batch, stage: str) -> None:
         images, targets = batch
         logits = self.model(images)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, targets), on_epoch=True, sync_dist=True)
+        self.losses[stage].update(F.cross_entropy(logits, targets), weight=len(targets))
+        self.log(f"{stage}/loss", self.losses[stage], on_step=False, on_epoch=True)
         self.metrics[stage].update(logits, targets)
         self.confusion.update(logits.argmax(1), targets)
         if self.ema is not None:
