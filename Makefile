@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # torch comes from the machine's local wheels; the pip cap allows nothing newer.
 TORCH   := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: all venv test demo demo-det demo-seg clean-demo
+.PHONY: all venv test test-slurm demo demo-det demo-seg clean-demo
 
 all: venv
 
@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml
 
 test: venv
 	$(BIN)/python -m pytest -q tests
+
+# Integration tests against a real local Slurm (2 emulated nodes). Install once with
+#   apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge
+test-slurm: venv
+	scripts/slurm/local_cluster.sh start || echo "test-slurm: no local Slurm; the tests will skip"
+	$(BIN)/python -m pytest -q -rs -m slurm tests/test_slurm.py; status=$$?; scripts/slurm/local_cluster.sh stop; exit $$status
 
 # Synthetic shapes → train a small RAVLT on CPU → validate → report (JSON, Markdown, PNG).
 demo: venv
