@@ -1,11 +1,31 @@
 """RAVLT attention: Rank-Augmented Linear Attention (RALA), softmax attention and RoPE tables.
 
-Pure PyTorch; every tensor keeps the backbone's ``(B, C, H, W)`` layout at the module boundary.
-Inside, a head's tokens are laid out as ``(B, heads, N, d)`` with channel ``head * d + j``.
+Pure PyTorch; every tensor keeps the backbone's ``(B, C, H, W)`` shape at the module boundary.
+Inside, the attention works on *tokens*: the ``qkvo`` output read as ``(B, N, 4C)`` — a free view
+when the map is channels-last, which is how :class:`~ravlt_pl.models.RAVLT` runs its blocks — and a
+head is the channel slice ``[head * d, (head + 1) * d)``. The probes see heads as ``(B, heads, N, d)``.
+
+Speed notes (the arithmetic is that of ``shared/reference/RAVLT.md`` §1.1–1.2; only its order and
+memory traffic differ, equal to float32 rounding):
+
+* RoPE is a complex multiplication of each channel pair by ``cos + i sin`` (one pass, no stacked
+  copies) in eager mode; under ``torch.compile`` the real form ``x * cos + swap(x) * sin`` is used and
+  fused by the compiler. Both need the table's angle to be equal within each pair (the published
+  ``angle`` is); otherwise the exact real form runs.
+* Linear attention: each step is one batched matmul over a head's strided token slice (BLAS reads the
+  row stride; no copies); the key re-weighting ``k * a * N`` is applied to ``v`` instead
+  (``rot(k * a)ᵀ v = rot(k)ᵀ (a * v)``; RoPE is linear and ``a`` is per token), and the normaliser
+  uses ``mean_N(k * a * N) = aᵀ k``. The ``+ 1`` of the ``elu + 1`` feature maps is never
+  materialised: it joins the rotation (``rot(e + 1) = rot(e) + rot(1)``, one complex ``addcmul``)
+  and the small products (``(e + 1)·u = e·u + sum(u)``).
+* The normaliser ``z`` and LePE join in one ``addcmul``; under autocast the attention arithmetic
+  (feature maps, re-weighting, normaliser, RoPE, both products, softmax attention) runs in float32,
+  while ``qkvo``, ``lepe`` and ``proj`` run in the autocast dtype.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable, Literal
 
 import torch
@@ -20,7 +40,8 @@ class RotaryTable(nn.Module):
 
     ``angle`` is a persistent buffer (the authors' checkpoints carry it as ``layers.{i}.RoPE.angle``):
     ``1 / 10000 ** linspace(0, 1, head_dim // 4)``, each value repeated twice in place. The first
-    half of the table encodes the row (H), the second half the column (W).
+    half of the table encodes the row (H), the second half the column (W). Under ``torch.compile``
+    the tables are built inside the graph (no cache lookups, no graph breaks).
     """
 
     def __init__(self, head_dim: int) -> None:
@@ -40,12 +61,12 @@ class RotaryTable(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            return self._build(height, width)
         key = (height, width, self.angle.device, self.angle.dtype, self.angle._version)
         tables = self._cache.get(key)
         if tables is None:
-            tables = self._build(height, width)
-            if not torch.compiler.is_compiling():
-                self._cache[key] = tables
+            tables = self._cache[key] = self._build(height, width)
         return tables
 
     def _build(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +87,69 @@ def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """The reference rotation ``x * cos + rotate_every_two(x) * sin`` (stacked copies; for reading)."""
     return x * cos + rotate_every_two(x) * sin
+
+
+# -- fast RoPE -----------------------------------------------------------------------------------
+_ROPE_FORMS: "OrderedDict[tuple[int, int], tuple]" = OrderedDict()  # eager-mode cache, a few sizes
+_ROPE_FORMS_MAX = 32
+
+
+def _rope_forms(sin: torch.Tensor, cos: torch.Tensor) -> tuple:
+    """``(table, table_of_ones, cos, signed_sin)`` for the tables ``(N, d)``.
+
+    ``table`` is ``cos + i sin`` per channel pair ``(N, d/2)`` (complex) and ``table_of_ones`` the
+    rotation of an all-ones vector, ``(1 + i) * table``; both ``None`` when the angles of a pair differ
+    or under ``torch.compile`` (then the real form applies). ``signed_sin`` is ``sin`` with the sign of
+    ``rotate_every_two`` folded in (``-sin`` at even channels). Cached by tensor identity in eager mode
+    (the :class:`RotaryTable` cache hands out the same tensors every call).
+    """
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        key = (id(sin), id(cos))
+        hit = _ROPE_FORMS.get(key)
+        if hit is not None and hit[0] is sin and hit[1] is cos and hit[2] == (sin._version, cos._version):
+            _ROPE_FORMS.move_to_end(key)
+            return hit[3]
+    signed = torch.stack((-sin[:, 0::2], sin[:, 1::2]), dim=-1).flatten(-2)
+    table = ones = None
+    if not compiling and torch.equal(sin[:, 0::2], sin[:, 1::2]) and torch.equal(cos[:, 0::2], cos[:, 1::2]):
+        table = torch.complex(cos[:, 0::2].contiguous(), sin[:, 0::2].contiguous())
+        ones = table * (1 + 1j)
+    forms = (table, ones, cos, signed)
+    if not compiling:
+        _ROPE_FORMS[key] = (sin, cos, (sin._version, cos._version), forms)  # holds sin/cos: ids stay unique
+        while len(_ROPE_FORMS) > _ROPE_FORMS_MAX:
+            _ROPE_FORMS.popitem(last=False)
+    return forms
+
+
+def _rotate(x: torch.Tensor, forms: tuple, plus_one: bool = False) -> torch.Tensor:
+    """RoPE of tokens ``x (B, N, [heads,] d)``, of ``x + 1`` when ``plus_one`` (one pass either way).
+
+    The tables broadcast as ``(N, 1, d)`` when x has a heads axis.
+    """
+    table, ones, cos, signed = forms
+    if x.dim() == 4:  # (B, N, heads, d)
+        table, ones, cos, signed = (None if f is None else f[:, None] for f in forms)
+    if table is not None and x.stride(-1) == 1 and x.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in x.stride()[:-1]):
+        xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+        rotated = torch.addcmul(ones, xc, table) if plus_one else xc * table  # rot(x + 1) = rot(x) + rot(1)
+        return torch.view_as_real(rotated).flatten(-2)
+    if plus_one:
+        x = x + 1.0
+    return x * cos + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * signed
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` → ``(B, N, C)`` (a view when x is channels-last)."""
+    return x.permute(0, 2, 3, 1).flatten(1, 2)
+
+
+def _as_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(B, N, C)`` → ``(B, C, H, W)`` (channels-last strides when the tokens are contiguous)."""
+    return tokens.unflatten(1, (height, width)).permute(0, 3, 1, 2)
 
 
 class _GatedAttention(nn.Module):
@@ -84,22 +167,27 @@ class _GatedAttention(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
 
     def _split(self, x: torch.Tensor):
-        """(B, C, H, W) → q, k, v as (B, heads, N, d), v map (B, C, H, W), gate o (B, C, H, W)."""
-        b, _, h, w = x.shape
-        q, k, v, o = self.qkvo(x).chunk(4, dim=1)
-        heads = (b, self.num_heads, self.head_dim, h * w)
-        return (
-            q.reshape(heads).transpose(-1, -2),
-            k.reshape(heads).transpose(-1, -2),
-            v.reshape(heads).transpose(-1, -2),
-            v,
-            o,
-        )
+        """(B, C, H, W) → token views (B, N, ·) ``qk`` (2C), ``v`` (C), ``o`` (C), and LePE(v) as a map.
+
+        One ``split`` (not four slices): its backward is a single concatenation.
+        """
+        qk, v, o = _tokens(self.qkvo(x)).split([2 * x.shape[1], x.shape[1], x.shape[1]], dim=-1)
+        return qk, v, o, self.lepe(_as_map(v, *x.shape[-2:]))
 
     @staticmethod
-    def _merge(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """(B, heads, N, d) → (B, C, H, W), channel ``head * d + j``."""
-        return out.transpose(-1, -2).reshape(like.shape)
+    def _combine(out: torch.Tensor, z: torch.Tensor | None, lepe: torch.Tensor, gate: torch.Tensor | None):
+        """``(out * z + lepe) * gate`` as a map (the input of ``proj``); out and gate are tokens
+        ``(B, N, C)``, z ``(B, N, heads)`` (None: 1), lepe a ``(B, C, H, W)`` map."""
+        lepe_t = _tokens(lepe)
+        if z is None:
+            y = out + lepe_t
+        else:
+            heads = z.shape[-1]
+            y = torch.addcmul(lepe_t.unflatten(-1, (heads, -1)), out.unflatten(-1, (heads, -1)), z[..., None])
+            y = y.flatten(-2)
+        if gate is not None:
+            y = y * gate
+        return _as_map(y, *lepe.shape[-2:])
 
 
 class RankAugmentedLinearAttention(_GatedAttention):
@@ -116,23 +204,37 @@ class RankAugmentedLinearAttention(_GatedAttention):
         self.probe: Callable[[str, torch.Tensor], None] | None = None  # rank-analysis hook
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-        q, k, v, v_map, o = self._split(x)
-        n_tokens = q.shape[-2]
-        q = F.elu(q) + 1.0
-        k = F.elu(k) + 1.0
-        if self.reweight_keys:
-            q_global = q.mean(dim=-2, keepdim=True)  # (B, h, 1, d)
-            weights = torch.softmax(self.scale * q_global @ k.transpose(-1, -2), dim=-1)  # (B, h, 1, N)
-            k = k * (weights.transpose(-1, -2) * n_tokens)
-        z = 1.0 / (q @ k.mean(dim=-2, keepdim=True).transpose(-1, -2) + 1e-6)  # (B, h, N, 1)
-        inv_sqrt_n = n_tokens**-0.5
-        kv = (apply_rope(k, sin, cos).transpose(-1, -2) * inv_sqrt_n) @ (v * inv_sqrt_n)  # (B, h, d, d)
-        out = (apply_rope(q, sin, cos) @ kv) * z  # (B, h, N, d)
-        if self.probe is not None:
-            self.probe("kv", kv)
-            self.probe("out", out)
-        out = self._merge(out, v_map) + self.lepe(v_map)
-        return self.proj(out * o if self.gate else out)
+        c, d, heads = x.shape[1], self.head_dim, self.num_heads
+        qk, v, o, lepe = self._split(x)
+        n_tokens = v.shape[1]
+        with torch.autocast(x.device.type, enabled=False):  # attention arithmetic in float32
+            qk, v, o = qk.float(), v.float(), o.float()
+            forms = _rope_forms(sin.float(), cos.float())
+            e = F.elu(qk).split(d, dim=-1)  # heads of the feature maps q' = e_q + 1, then of k' = e_k + 1
+            outs, zs, kvs = [], [], []
+            for h, v in enumerate(v.split(d, dim=-1)):  # each product one batched matmul on a strided slice
+                eq, ek = e[h], e[heads + h]  # (B, N, d)
+                if self.reweight_keys:
+                    q_global = eq.mean(dim=1, keepdim=True) + 1.0  # mean_N(q'), (B, 1, d)
+                    logits = (ek @ q_global.transpose(-1, -2)).add_(q_global.sum(-1, keepdim=True))  # k'·q_global
+                    a = torch.softmax(logits.mul_(self.scale), dim=1)  # (B, N, 1)
+                    k_mean = (a.transpose(-1, -2) @ ek).add_(a.sum(1, keepdim=True))  # mean_N(k' * a * N) = aᵀk'
+                    v = v * a  # rot(k' * a * N)ᵀ v / N == rot(k')ᵀ (a * v)
+                else:
+                    k_mean = ek.mean(dim=1, keepdim=True) + 1.0
+                    v = v * (1.0 / n_tokens)
+                z = (eq @ k_mean.transpose(-1, -2)).add_(k_mean.sum(-1, keepdim=True) + 1e-6).reciprocal_()  # (B, N, 1)
+                kv = _rotate(ek, forms, plus_one=True).transpose(-1, -2) @ v  # (B, d, d)
+                outs.append(_rotate(eq, forms, plus_one=True) @ kv)  # (B, N, d), before the normaliser
+                zs.append(z)
+                kvs.append(kv)
+            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # (B, N, C)
+            z = zs[0] if len(zs) == 1 else torch.cat(zs, dim=-1)  # (B, N, heads)
+            if self.probe is not None:
+                self.probe("kv", torch.stack(kvs, dim=1))
+                self.probe("out", (out.unflatten(-1, (self.num_heads, d)) * z[..., None]).transpose(1, 2))
+            y = self._combine(out, z, lepe, o if self.gate else None)
+        return self.proj(y.to(x.dtype))  # autocast: proj runs in the low-precision dtype again
 
 
 class SoftmaxAttention(_GatedAttention):
@@ -143,13 +245,18 @@ class SoftmaxAttention(_GatedAttention):
         self.probe: Callable[[str, torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-        q, k, v, v_map, o = self._split(x)
-        q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, h, N, d)
-        if self.probe is not None:
-            self.probe("out", out)
-        out = self._merge(out, v_map) + self.lepe(v_map)
-        return self.proj(out * o)
+        heads = (self.num_heads, self.head_dim)
+        qk, v, o, lepe = self._split(x)
+        with torch.autocast(x.device.type, enabled=False):  # attention arithmetic in float32
+            qk, v, o = qk.float(), v.float(), o.float()
+            forms = _rope_forms(sin.float(), cos.float())
+            q, k = (_rotate(t.unflatten(-1, heads), forms).transpose(1, 2) for t in qk.chunk(2, dim=-1))  # (B, heads, N, d)
+            v = v.unflatten(-1, heads).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, heads, N, d)
+            if self.probe is not None:
+                self.probe("out", out)
+            y = self._combine(out.transpose(1, 2).flatten(2), None, lepe, o)
+        return self.proj(y.to(x.dtype))
 
 
 def build_attention(kind: AttentionType, dim: int, num_heads: int) -> nn.Module:

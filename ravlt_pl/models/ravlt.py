@@ -3,6 +3,12 @@
 State-dict names follow the authors' release (``patch_embed.proj.*``, ``layers.{i}.blocks.{j}.*``,
 ``proj``/``norm``/``head``, ``extra_norms.{i}``) except the rotary table, ``layers.{i}.rope`` here
 (``RoPE`` there); :func:`ravlt_pl.models.checkpoint.checkpoint_filter_fn` maps the difference.
+
+Speed: the network runs channels-last inside (the input is converted once; 1x1 convs are then plain
+GEMMs, depthwise convs and LayerNorms read contiguous channels, and the attention reads tokens as
+free views), so returned dense maps are channels-last too (memory format only; shapes as always).
+In float32 without autocast the residual ``x + dwconv(x)`` of ``pos`` and of the FFN is one conv
+whose kernel centre carries the identity, and layer-scale residuals are one ``addcmul``.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import DropPath, trunc_normal_
 from timm.models import FeatureInfo
@@ -18,8 +25,38 @@ from torch import nn
 from .attention import AttentionType, RotaryTable, build_attention
 
 
+_IDENTITY_KERNELS: dict[tuple, torch.Tensor] = {}
+
+
+def _identity_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """A depthwise kernel like ``weight`` with 1 at the centre: ``conv(x, weight + it) == x + conv(x, weight)``."""
+    key = (tuple(weight.shape), weight.device, weight.dtype)
+    eye = None if torch.compiler.is_compiling() else _IDENTITY_KERNELS.get(key)
+    if eye is None:
+        kh, kw = weight.shape[-2:]
+        eye = torch.zeros(weight.shape, device=weight.device, dtype=weight.dtype)
+        eye[..., kh // 2, kw // 2] = 1.0
+        if not torch.compiler.is_compiling():
+            _IDENTITY_KERNELS[key] = eye
+    return eye
+
+
+def conv_plus_identity(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``x + conv(x)`` for a same-size depthwise conv; one conv pass in float32 without autocast.
+
+    Under autocast (or in half precision) the sum stays explicit, so the identity path keeps the
+    residual's precision instead of being rounded to the conv's dtype.
+    """
+    if x.dtype != torch.float32 or conv.weight.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
+        return x + conv(x)
+    weight = conv.weight + _identity_kernel(conv.weight)
+    return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 class LayerNorm2d(nn.Module):
-    """LayerNorm over channels of a ``(B, C, H, W)`` map; the ``nn.LayerNorm`` sits under ``.norm``."""
+    """LayerNorm over channels of a ``(B, C, H, W)`` map; the ``nn.LayerNorm`` sits under ``.norm``.
+
+    On a channels-last map both permutes are free views (no copies)."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -41,7 +78,7 @@ class ConvFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.fc1(x))
-        return self.fc2(x + self.dwconv(x))
+        return self.fc2(conv_plus_identity(self.dwconv, x))
 
 
 class Block(nn.Module):
@@ -70,11 +107,20 @@ class Block(nn.Module):
             self.gamma_2 = nn.Parameter(torch.full((1, dim, 1, 1), float(layer_init_value)))
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-        x = x + self.pos(x)
-        attn = self.attn(self.norm1(x), sin, cos)
-        x = x + self.drop_path(self.gamma_1 * attn if self.layerscale else attn)
-        ffn = self.ffn(self.norm2(x))
-        return x + self.drop_path(self.gamma_2 * ffn if self.layerscale else ffn)
+        x = conv_plus_identity(self.pos, x)
+        x = self._residual(x, self.attn(self.norm1(x), sin, cos), self.gamma_1 if self.layerscale else None)
+        return self._residual(x, self.ffn(self.norm2(x)), self.gamma_2 if self.layerscale else None)
+
+    def _residual(self, x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+        """``x + drop_path(gamma * branch)`` in one ``addcmul`` (the drop-path mask joins the gamma)."""
+        dp = self.drop_path
+        if isinstance(dp, DropPath) and self.training and dp.drop_prob > 0.0:  # same draws as timm's DropPath
+            keep = 1.0 - dp.drop_prob
+            mask = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep)
+            if keep > 0.0 and dp.scale_by_keep:
+                mask.div_(keep)
+            gamma = mask if gamma is None else gamma * mask
+        return x + branch if gamma is None else torch.addcmul(x, gamma, branch)
 
 
 class Downsample(nn.Module):
@@ -261,7 +307,7 @@ class RAVLT(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Classifier: the last stage map (B, C3, H/32, W/32). Dense: the list of normalised maps."""
-        x = self.patch_embed(x)
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
         outs = []
         for i, stage in enumerate(self.layers):
             x = stage(x)
