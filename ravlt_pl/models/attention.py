@@ -66,7 +66,10 @@ class RotaryTable(nn.Module):
         key = (height, width, self.angle.device, self.angle.dtype, self.angle._version)
         tables = self._cache.get(key)
         if tables is None:
-            tables = self._cache[key] = self._build(height, width)
+            # Normal tensors even under inference_mode (validate/test): the cache outlives it and
+            # is reused by training, where inference tensors cannot be saved for backward.
+            with torch.inference_mode(False):
+                tables = self._cache[key] = self._build(height, width)
         return tables
 
     def _build(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,11 +115,12 @@ def _rope_forms(sin: torch.Tensor, cos: torch.Tensor) -> tuple:
         if hit is not None and hit[0] is sin and hit[1] is cos and hit[2] == (sin._version, cos._version):
             _ROPE_FORMS.move_to_end(key)
             return hit[3]
-    signed = torch.stack((-sin[:, 0::2], sin[:, 1::2]), dim=-1).flatten(-2)
-    table = ones = None
-    if not compiling and torch.equal(sin[:, 0::2], sin[:, 1::2]) and torch.equal(cos[:, 0::2], cos[:, 1::2]):
-        table = torch.complex(cos[:, 0::2].contiguous(), sin[:, 0::2].contiguous())
-        ones = table * (1 + 1j)
+    with torch.inference_mode(False):  # cached forms must stay usable outside inference_mode
+        signed = torch.stack((-sin[:, 0::2], sin[:, 1::2]), dim=-1).flatten(-2)
+        table = ones = None
+        if not compiling and torch.equal(sin[:, 0::2], sin[:, 1::2]) and torch.equal(cos[:, 0::2], cos[:, 1::2]):
+            table = torch.complex(cos[:, 0::2].contiguous(), sin[:, 0::2].contiguous())
+            ones = table * (1 + 1j)
     forms = (table, ones, cos, signed)
     if not compiling:
         _ROPE_FORMS[key] = (sin, cos, (sin._version, cos._version), forms)  # holds sin/cos: ids stay unique

@@ -136,3 +136,15 @@ def test_rejects_bad_per_stage_lists():
         RAVLT(**{**TINY, "mlp_ratios": [1.0, 2.0]})
     with pytest.raises(ValueError, match="attention"):
         RAVLT(**TINY, attention=["linear", "linear", "linear", "flash"])
+
+
+def test_tables_built_under_inference_mode_serve_training_later():
+    """validate/test run under inference_mode; the RoPE caches they fill must not poison training."""
+    model = RAVLT(**TINY, num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)  # the cached tables, outside inference_mode
+    model(x).sum().backward()  # reused with autograd on
+    assert model.layers[0].blocks[0].attn.qkvo.weight.grad is not None
