@@ -341,10 +341,21 @@ def drawn_figure(drawn: list[tuple[Tensor, dict]], names: Sequence[str], thresho
 
     fig, axes = plt.subplots(1, len(drawn), figsize=(4.5 * len(drawn), 4.5), squeeze=False)
     for ax, (image, det) in zip(axes[0], drawn):
-        ax.imshow(draw_detections(image, det, names, threshold).permute(1, 2, 0).numpy())
+        ax.imshow(draw_detections(*enlarged(image, det), names, threshold).permute(1, 2, 0).numpy())
         ax.set_title(f"{int((det['scores'] >= threshold).sum())} detections ≥ {threshold:.2f}")
         ax.axis("off")
     return fig
+
+
+def enlarged(image: Tensor, det: dict[str, Tensor], min_side: int = 480) -> tuple[Tensor, dict[str, Tensor]]:
+    """Small images (the synthetic sets) scaled up by an integer factor, so drawn labels stay legible."""
+    factor = -(-min_side // max(image.shape[-2:]))  # ceil
+    if factor <= 1:
+        return image, det
+    det = dict(det, boxes=det["boxes"] * factor)
+    if "masks" in det:
+        det["masks"] = det["masks"].repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+    return image.repeat_interleave(factor, -2).repeat_interleave(factor, -1), det
 
 
 def save_png(path: Path, image: Tensor) -> Path:
