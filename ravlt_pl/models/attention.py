@@ -40,9 +40,12 @@ class RotaryTable(nn.Module):
 
     ``angle`` is a persistent buffer (the authors' checkpoints carry it as ``layers.{i}.RoPE.angle``):
     ``1 / 10000 ** linspace(0, 1, head_dim // 4)``, each value repeated twice in place. The first
-    half of the table encodes the row (H), the second half the column (W). Under ``torch.compile``
-    the tables are built inside the graph (no cache lookups, no graph breaks).
+    half of the table encodes the row (H), the second half the column (W). The cache keeps the
+    ``max_cached`` most recently used sizes (multi-scale detection training sees many). Under
+    ``torch.compile`` the tables are built inside the graph (no cache lookups, no graph breaks).
     """
+
+    max_cached = 8
 
     def __init__(self, head_dim: int) -> None:
         super().__init__()
@@ -50,7 +53,7 @@ class RotaryTable(nn.Module):
             raise ValueError(f"RoPE needs head_dim divisible by 4, got {head_dim}")
         angle = 1.0 / (10000 ** torch.linspace(0, 1, head_dim // 4))
         self.register_buffer("angle", angle.repeat_interleave(2), persistent=True)
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def _load_from_state_dict(self, *args, **kwargs):  # a loaded angle invalidates the tables
         self._cache.clear()
@@ -70,6 +73,10 @@ class RotaryTable(nn.Module):
             # is reused by training, where inference tensors cannot be saved for backward.
             with torch.inference_mode(False):
                 tables = self._cache[key] = self._build(height, width)
+            while len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
         return tables
 
     def _build(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,8 @@ State-dict names follow the authors' release (``patch_embed.proj.*``, ``layers.{
 Speed: the network runs channels-last inside (the input is converted once; 1x1 convs are then plain
 GEMMs, depthwise convs and LayerNorms read contiguous channels, and the attention reads tokens as
 free views), so returned dense maps are channels-last too (memory format only; shapes as always).
-In float32 without autocast the residual ``x + dwconv(x)`` of ``pos`` and of the FFN is one conv
-whose kernel centre carries the identity, and layer-scale residuals are one ``addcmul``.
+In float32 inference the residual ``x + dwconv(x)`` of ``pos`` and of the FFN is one conv whose
+(cached) kernel centre carries the identity, and layer-scale residuals are one ``addcmul``.
 """
 
 from __future__ import annotations
@@ -25,32 +25,29 @@ from torch import nn
 from .attention import AttentionType, RotaryTable, build_attention
 
 
-_IDENTITY_KERNELS: dict[tuple, torch.Tensor] = {}
-
-
-def _identity_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """A depthwise kernel like ``weight`` with 1 at the centre: ``conv(x, weight + it) == x + conv(x, weight)``."""
-    key = (tuple(weight.shape), weight.device, weight.dtype)
-    eye = None if torch.compiler.is_compiling() else _IDENTITY_KERNELS.get(key)
-    if eye is None:
-        kh, kw = weight.shape[-2:]
-        eye = torch.zeros(weight.shape, device=weight.device, dtype=weight.dtype)
-        eye[..., kh // 2, kw // 2] = 1.0
-        if not torch.compiler.is_compiling():
-            _IDENTITY_KERNELS[key] = eye
-    return eye
-
-
 def conv_plus_identity(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``x + conv(x)`` for a same-size depthwise conv; one conv pass in float32 without autocast.
+    """``x + conv(x)`` for a same-size depthwise conv; one conv pass in float32 inference.
 
-    Under autocast (or in half precision) the sum stays explicit, so the identity path keeps the
-    residual's precision instead of being rounded to the conv's dtype.
+    Without autograd, in float32 and outside autocast and ``torch.compile``, the identity joins the
+    kernel centre (``conv(x, w + δ) == x + conv(x, w)``). The folded kernel is cached on the module
+    per weight version: oneDNN is much slower with a freshly allocated weight on every call, so the
+    fold is not used where the weight would be rebuilt each time (training, compiled graphs). Under
+    autocast or in half precision the sum stays explicit, so the identity path keeps the residual's
+    precision instead of being rounded to the conv's dtype.
     """
-    if x.dtype != torch.float32 or conv.weight.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
+    w = conv.weight
+    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or x.dtype != torch.float32
+            or w.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type)):  # fmt: skip
         return x + conv(x)
-    weight = conv.weight + _identity_kernel(conv.weight)
-    return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    key = (w.data_ptr(), w._version, w.device)
+    cached = conv.__dict__.get("_folded_kernel")
+    if cached is None or cached[0] != key:
+        with torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
+            folded = w.detach().clone()
+            kh, kw = folded.shape[-2:]
+            folded[..., kh // 2, kw // 2] += 1.0
+        cached = conv.__dict__["_folded_kernel"] = (key, folded)
+    return F.conv2d(x, cached[1], conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class LayerNorm2d(nn.Module):

@@ -50,6 +50,15 @@ def test_complex_and_real_rotations_match_the_stacked_form(heads, plus_one):
                                apply_rope(odd + 1.0 if plus_one else odd, s[..., :14], c[..., :14]))  # fmt: skip
 
 
+def test_rope_cache_keeps_the_most_recent_sizes():
+    table = RotaryTable(8)
+    first = table(4, 4)[0]
+    for size in range(5, 5 + table.max_cached):
+        table(size, 3)
+    assert len(table._cache) == table.max_cached and table(4, 4)[0] is not first  # evicted, rebuilt
+    assert table(4, 4)[0] is table(4, 4)[0]
+
+
 def test_unpaired_angles_fall_back_to_the_exact_real_rotation():
     table = RotaryTable(8)
     table.load_state_dict({"angle": torch.tensor([1.0, 2.0, 3.0, 4.0])})  # pairs differ: not a rotation
@@ -60,16 +69,23 @@ def test_unpaired_angles_fall_back_to_the_exact_real_rotation():
     torch.testing.assert_close(_rotate(x, forms), apply_rope(x, sin, cos))
 
 
-def test_identity_folded_into_depthwise_kernel():
+def test_identity_folded_into_depthwise_kernel_in_inference():
     conv = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6)
-    x = torch.randn(2, 6, 9, 11, requires_grad=True)
-    folded = conv_plus_identity(conv, x)
-    (gx_f, gw_f) = torch.autograd.grad(folded.square().sum(), (x, conv.weight))
-    plain = x + conv(x)
-    (gx_p, gw_p) = torch.autograd.grad(plain.square().sum(), (x, conv.weight))
-    torch.testing.assert_close(folded, plain)
-    torch.testing.assert_close(gx_f, gx_p)
-    torch.testing.assert_close(gw_f, gw_p, rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 6, 9, 11).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        plain = x + conv(x)
+        torch.testing.assert_close(conv_plus_identity(conv, x), plain)
+        kernel = conv._folded_kernel[1]
+        conv_plus_identity(conv, x)
+        assert conv._folded_kernel[1] is kernel  # cached: oneDNN is slow with a new weight every call
+        conv.weight.mul_(2.0)  # an in-place update (EMA, optimizer step) invalidates it
+        torch.testing.assert_close(conv_plus_identity(conv, x), x + conv(x))
+        assert conv._folded_kernel[1] is not kernel
+    assert "_folded_kernel" not in conv.state_dict()
+    x.requires_grad_()
+    (gx,) = torch.autograd.grad(conv_plus_identity(conv, x).square().sum(), x)  # training: the plain sum
+    (expected,) = torch.autograd.grad((x + conv(x)).square().sum(), x)
+    torch.testing.assert_close(gx, expected)
 
 
 def test_residual_with_drop_path_matches_timm_drop_path():
