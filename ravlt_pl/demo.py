@@ -33,12 +33,13 @@ def run(task: str, extra: list[str]) -> dict:
     start = time.time()
     cli = build_cli(["fit", "--config", config, "--data.init_args.root", str(out / sub), *extra])
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
-    report = next(Path(cli.trainer.log_dir).glob("reports/validate/*.json"))
-    data = json.loads(report.read_text())
+    reports = (json.loads(p.read_text()) for p in Path(cli.trainer.log_dir).glob("reports/validate/*.json"))
+    data = next(r for r in reports if isinstance(r, dict) and "headline" in r)  # not the COCO results lists
+    report = Path(cli.trainer.log_dir) / "reports" / "validate"
     headline = data["headline"]
     print(
         f"\n{task} demo: validation {headline['name']} = {headline['value']:.4f} "
-        f"after {time.time() - start:.0f} s\nreports in {report.parent}"
+        f"after {time.time() - start:.0f} s\nreports in {report}"
     )
     return data
 

@@ -71,12 +71,16 @@ def extract_backbone_state(checkpoint: Mapping, source: str, use_ema: bool = Fal
     elif "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
         state = checkpoint["model"]
     elif "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
+        # mmdet/mmseg: "backbone.<name>"; our ClassificationTask's Lightning checkpoint: "model.<name>".
         full = checkpoint["state_dict"]
-        state = {k[len("backbone.") :]: v for k, v in full.items() if k.startswith("backbone.")}
-        if not state:
+        for prefix in ("backbone.", "model."):
+            state = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+            if state:
+                break
+        else:
             raise CheckpointError(
-                f"{source}: 'state_dict' holds no 'backbone.' keys; an mmdet/mmseg checkpoint was expected "
-                "(a Lightning checkpoint of ours loads with --ckpt_path instead)"
+                f"{source}: 'state_dict' holds no 'backbone.' (mmdet/mmseg) or 'model.' (our classification "
+                "checkpoint) keys; to resume one of our own runs use --ckpt_path instead"
             )
     else:
         state = checkpoint

@@ -77,4 +77,11 @@ def test_bad_files_are_named(tmp_path, cls_model):
     with pytest.raises(CheckpointError, match="model_ema"):
         load_official(cls_model, {"model": {}}, use_ema=True)
     with pytest.raises(CheckpointError, match="backbone"):
-        load_official(cls_model, {"state_dict": {"model.head.weight": torch.zeros(1)}})
+        load_official(cls_model, {"state_dict": {"net.head.weight": torch.zeros(1)}})
+
+
+def test_our_classification_checkpoint_initialises_a_dense_backbone(official_cls, official_dense):
+    lightning_ckpt = {"state_dict": {f"model.{k}": v for k, v in official_cls["state_dict"].items()}, "epoch": 3}
+    model = RAVLT(**official_cls["config"], out_indices=(0, 1, 2, 3))
+    report = load_official(model, lightning_ckpt)
+    assert "layers.0.blocks.0.attn.qkvo.weight" in report.loaded and "head.weight" in report.ignored
