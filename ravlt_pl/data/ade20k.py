@@ -116,7 +116,11 @@ class CatMaxRatioCrop(A.RandomCrop):
 
 def photometric_distortion() -> list[A.BasicTransform]:
     """mmseg's ``PhotoMetricDistortion`` from albumentations parts, each applied with p .5:
-    brightness ±32, contrast ×[.5, 1.5], saturation ×[.5, 1.5], hue ±18 (OpenCV hue units)."""
+    brightness ±32, contrast ×[.5, 1.5], saturation ×[.5, 1.5], hue ±18 (OpenCV hue units).
+
+    Differences, all minor: the order is fixed (mmseg puts contrast before or after the colour
+    steps at random), and saturation blends with grey as torchvision does (mmseg scales HSV's S).
+    """
     return [
         A.RandomBrightnessContrast(brightness_limit=32 / 255, contrast_limit=0.0, p=0.5),
         A.RandomBrightnessContrast(brightness_limit=0.0, contrast_limit=0.5, p=0.5),
