@@ -15,7 +15,7 @@ from timm.layers import DropPath
 
 from benchmarks.reference_ravlt import ReferenceRAVLT
 from ravlt_pl.models import RAVLT, RotaryTable
-from ravlt_pl.models.attention import _rope_forms, _rotate, apply_rope
+from ravlt_pl.models.attention import _rope_forms, _rotate, apply_rope, elu
 from ravlt_pl.models.ravlt import Block, conv_plus_identity
 from tests.conftest import TINY, rel_err
 
@@ -48,6 +48,18 @@ def test_complex_and_real_rotations_match_the_stacked_form(heads, plus_one):
     odd = x[..., 1:15]  # odd strides: no complex view, the real form runs
     torch.testing.assert_close(_rotate(odd, _rope_forms(sin[:, :14], cos[:, :14]), plus_one),
                                apply_rope(odd + 1.0 if plus_one else odd, s[..., :14], c[..., :14]))  # fmt: skip
+
+
+def test_exp_form_elu_matches_elu_in_value_and_gradient():
+    x = torch.cat([torch.linspace(-30, 30, 6001), torch.tensor([0.0, -1e-8, 1e-8, 80.0, -80.0])])
+    x = x[torch.randperm(x.numel())].reshape(-1, 7)[:, 1:6]  # a strided view, as the attention passes
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = elu(ours)
+    assert torch.allclose(out, F.elu(theirs), rtol=2.5e-7, atol=2.5e-7)  # x + 1 - 1 rounds large x
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    F.elu(theirs).backward(grad)
+    assert torch.allclose(ours.grad, theirs.grad, rtol=1e-6, atol=1e-7)
 
 
 def test_rope_cache_keeps_the_most_recent_sizes():
