@@ -107,8 +107,10 @@ class CatMaxRatioCrop(A.RandomCrop):
             if mask is None or self.cat_max_ratio >= 1:
                 break
             x1, y1, x2, y2 = coords
-            values, counts = np.unique(mask[y1:y2, x1:x2], return_counts=True)
-            counts = counts[values != self.ignore_index]
+            # A histogram, not np.unique: unique sorts the crop (it was half the pipeline's time).
+            counts = np.bincount(mask[y1:y2, x1:x2].ravel(), minlength=self.ignore_index + 1)
+            counts[self.ignore_index] = 0
+            counts = counts[counts > 0]
             if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
                 break
         return {"crop_coords": coords, "pad_params": None}

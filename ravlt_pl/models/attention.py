@@ -64,8 +64,8 @@ class RotaryTable(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if torch.compiler.is_compiling():
-            return self._build(height, width)
+        if torch.compiler.is_compiling():  # an opaque op: inductor would recompute sin/cos in every consumer
+            return _rope_tables(self.angle, height, width)
         key = (height, width, self.angle.device, self.angle.dtype, self.angle._version)
         tables = self._cache.get(key)
         if tables is None:
@@ -80,14 +80,33 @@ class RotaryTable(nn.Module):
         return tables
 
     def _build(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        angle = self.angle
-        rows = torch.arange(height, device=angle.device, dtype=angle.dtype)[:, None] * angle  # (H, d/2)
-        cols = torch.arange(width, device=angle.device, dtype=angle.dtype)[:, None] * angle  # (W, d/2)
-        half = angle.numel()
-        phase = torch.cat(
-            [rows[:, None, :].expand(height, width, half), cols[None, :, :].expand(height, width, half)], dim=-1
-        ).reshape(height * width, 2 * half)  # (N, d), h outer, w inner
-        return phase.sin(), phase.cos()
+        return _build_tables(self.angle, height, width)
+
+
+def _build_tables(angle: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.arange(height, device=angle.device, dtype=angle.dtype)[:, None] * angle  # (H, d/2)
+    cols = torch.arange(width, device=angle.device, dtype=angle.dtype)[:, None] * angle  # (W, d/2)
+    half = angle.numel()
+    phase = torch.cat(
+        [rows[:, None, :].expand(height, width, half), cols[None, :, :].expand(height, width, half)], dim=-1
+    ).reshape(height * width, 2 * half)  # (N, d), h outer, w inner
+    return phase.sin(), phase.cos()
+
+
+@torch.library.custom_op("ravlt_pl::rope_tables", mutates_args=())
+def _rope_tables(angle: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables as one opaque operator for ``torch.compile``: built once per stage and call.
+
+    Traced as ordinary ops, inductor fuses the ``sin``/``cos`` into every block's consumer and
+    recomputes them per element (a third of the compiled linear-attention kernels' time on CPU).
+    """
+    return _build_tables(angle, height, width)
+
+
+@_rope_tables.register_fake
+def _(angle: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (height * width, angle.numel() * 2)
+    return angle.new_empty(shape), angle.new_empty(shape)
 
 
 def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
@@ -175,9 +194,12 @@ class _ExpFormElu(torch.autograd.Function):
 
 
 def elu(x: torch.Tensor) -> torch.Tensor:
-    """``F.elu`` — through :class:`_ExpFormElu` on CPU in eager mode (the compiler fuses its own)."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
+    """``F.elu``, in the exp form on CPU: eager through :class:`_ExpFormElu`; compiled as plain ops
+    (inductor's CPU code also calls a scalar ``expm1`` for ``F.elu``, and once per fused consumer)."""
+    if x.device.type != "cpu":
         return F.elu(x)
+    if torch.compiler.is_compiling():
+        return torch.exp(torch.clamp(x, max=0.0)) + torch.relu(x) - 1.0
     return _ExpFormElu.apply(x)
 
 
