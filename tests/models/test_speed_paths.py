@@ -16,7 +16,7 @@ from timm.layers import DropPath
 from benchmarks.reference_ravlt import ReferenceRAVLT
 from ravlt_pl.models import RAVLT, RotaryTable
 from ravlt_pl.models.attention import _rope_forms, _rotate, apply_rope, elu
-from ravlt_pl.models.ravlt import Block, conv_plus_identity
+from ravlt_pl.models.ravlt import _MKLDNN_POINTWISE, Block, conv_gelu, conv_plus_identity
 from tests.conftest import TINY, rel_err
 
 
@@ -60,6 +60,24 @@ def test_exp_form_elu_matches_elu_in_value_and_gradient():
     out.backward(grad)
     F.elu(theirs).backward(grad)
     assert torch.allclose(ours.grad, theirs.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_conv_gelu_matches_conv_then_gelu(channels_last):
+    torch.manual_seed(0)
+    conv, act = torch.nn.Conv2d(16, 56, 1), torch.nn.GELU()
+    x = torch.randn(2, 16, 9, 7) * 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = act(conv(x)).detach()
+    with torch.inference_mode():
+        fused = conv_gelu(conv, act, x)
+        with torch.profiler.profile() as prof:
+            conv_gelu(conv, act, x)
+    assert torch.allclose(fused, expected, rtol=1e-5, atol=1e-5), (fused - expected).abs().max()
+    if _MKLDNN_POINTWISE is not None:  # the one-kernel path ran, with no separate GELU
+        names = {e.key for e in prof.key_averages()}
+        assert "aten::gelu" not in names and any("convolution_pointwise" in n for n in names), names
 
 
 def test_rope_cache_keeps_the_most_recent_sizes():
