@@ -36,6 +36,7 @@ come from ``--feed-img-s`` and, for classification, from this run's RAVLT-S trai
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -164,8 +165,13 @@ def first_call_peak_mb(fn, device, param_bytes) -> float:
     return (param_bytes + extra) / 2**20
 
 
-def make_cases(model, args, device):
-    """(key, images per call, fn): inference at each (res, bs) and one training step per res."""
+def make_cases(model, args, device, infer_model=None):
+    """(key, images per call, fn): inference at each (res, bs) and one training step per res.
+
+    ``infer_model`` (default: ``model``) runs the inference cases: a separate compiled copy under
+    ``--freezing``, whose constants must not go stale when ``model`` trains.
+    """
+    infer_model = model if infer_model is None else infer_model
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     cases = []
     for res in args.resolutions:
@@ -173,9 +179,9 @@ def make_cases(model, args, device):
             x = torch.randn(bs, 3, res, res, device=device).contiguous(memory_format=fmt)
 
             def infer(x=x):
-                model.eval()
+                infer_model.eval()
                 with torch.no_grad(), autocast_ctx(device, args.dtype):
-                    model(x)
+                    infer_model(x)
 
             cases.append((("infer", res, bs), bs, infer))
         tb = args.train_batch_size
@@ -236,9 +242,11 @@ def benchmark_models(args, device, peak):
                     macs[base, res] = count_macs(m, res, device, base)
             pbytes = sum(p.numel() * p.element_size() for p in m.parameters())
             info[row] = {"params_m": sum(p.numel() for p in m.parameters()) / 1e6, "mem": {}}
+            infer_m = None
             if row != base:
+                infer_m = torch.compile(copy.deepcopy(m).eval()) if args.freezing else None
                 m = torch.compile(m)
-            for key, images, fn in make_cases(m, args, device):
+            for key, images, fn in make_cases(m, args, device, infer_m):
                 info[row]["mem"][key] = first_call_peak_mb(fn, device, pbytes)
                 entries.append((row, key, images, fn))
             rows.append(row)
@@ -583,6 +591,10 @@ def parse_args(argv):
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", nargs="*", default=None, metavar="MODEL",
                    help="add '<name>+compile' rows (torch.compile): for the listed models, or all when none is listed")
+    p.add_argument("--freezing", action="store_true",
+                   help="with --compile: inductor freezing for inference (weights as constants, oneDNN "
+                        "prepacking and conv+pointwise fusion; the standard CPU inference setting), on "
+                        "a separate compiled copy so training rows stay correct")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--resolutions", type=int, nargs="+", default=[224])
     p.add_argument("--models", nargs="*", default=DEFAULT_MODELS)
@@ -618,6 +630,12 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.freezing:
+        if args.compile is None:
+            raise SystemExit("--freezing applies to compiled rows: add --compile")
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # applies to graphs compiled without autograd only
     if args.compile is not None:  # eval/train x batch sizes x resolutions (x graph breaks) need more than 8 graphs
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     args.out.mkdir(parents=True, exist_ok=True)
