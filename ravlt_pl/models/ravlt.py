@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.utils import flop_counter
 from timm.layers import DropPath, trunc_normal_
 from timm.models import FeatureInfo
 from torch import nn
@@ -51,6 +52,12 @@ _MKLDNN_POINTWISE = (
     if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
     else None
 )
+if _MKLDNN_POINTWISE is not None and torch.ops.mkldnn._convolution_pointwise not in flop_counter.flop_registry:
+
+    @flop_counter.register_flop_formula(torch.ops.mkldnn._convolution_pointwise)
+    def _conv_pointwise_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        """So ``torch.utils.flop_counter`` (``summary``'s GFLOPs) counts the fused conv like a conv."""
+        return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
 
 
 def conv_plus_identity(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
