@@ -72,16 +72,12 @@ class RotaryTable(nn.Module):
             # Normal tensors even under inference_mode (validate/test): the cache outlives it and
             # is reused by training, where inference tensors cannot be saved for backward.
             with torch.inference_mode(False):
-                tables = self._cache[key] = self._build(height, width)
+                tables = self._cache[key] = _build_tables(self.angle, height, width)
             while len(self._cache) > self.max_cached:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(key)
         return tables
-
-    def _build(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return _build_tables(self.angle, height, width)
-
 
 def _build_tables(angle: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = torch.arange(height, device=angle.device, dtype=angle.dtype)[:, None] * angle  # (H, d/2)
@@ -199,8 +195,8 @@ def elu(x: torch.Tensor) -> torch.Tensor:
     (inductor's CPU code also calls a scalar ``expm1`` for ``F.elu``, and once per fused consumer)."""
     if x.device.type != "cpu":
         return F.elu(x)
-    if torch.compiler.is_compiling():
-        return torch.exp(torch.clamp(x, max=0.0)) + torch.relu(x) - 1.0
+    if torch.compiler.is_compiling():  # the same formula, out of place (the compiler fuses it)
+        return torch.maximum(torch.exp(torch.clamp(x, max=0.0)) - 1.0, x)
     return _ExpFormElu.apply(x)
 
 
@@ -266,7 +262,7 @@ class RankAugmentedLinearAttention(_GatedAttention):
         self.probe: Callable[[str, torch.Tensor], None] | None = None  # rank-analysis hook
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-        c, d, heads = x.shape[1], self.head_dim, self.num_heads
+        d, heads = self.head_dim, self.num_heads
         qk, v, o, lepe = self._split(x)
         n_tokens = v.shape[1]
         with torch.autocast(x.device.type, enabled=False):  # attention arithmetic in float32

@@ -26,6 +26,19 @@ from torch import nn
 from .attention import AttentionType, RotaryTable, build_attention
 
 
+_MKLDNN_POINTWISE = (
+    torch.ops.mkldnn._convolution_pointwise.default
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    else None
+)
+if _MKLDNN_POINTWISE is not None and torch.ops.mkldnn._convolution_pointwise not in flop_counter.flop_registry:
+
+    @flop_counter.register_flop_formula(torch.ops.mkldnn._convolution_pointwise)
+    def _conv_pointwise_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        """So ``torch.utils.flop_counter`` (``summary``'s GFLOPs) counts the fused conv like a conv."""
+        return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
 def _float32_inference(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Eager float32 inference (no autograd, autocast or compiler): where weight folds and fused
     oneDNN kernels apply."""
@@ -45,19 +58,6 @@ def conv_gelu(conv: nn.Conv2d, act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
         return _MKLDNN_POINTWISE(x, conv.weight, conv.bias, list(conv.padding), list(conv.stride),
                                  list(conv.dilation), conv.groups, "gelu", [], "none")  # fmt: skip
     return act(conv(x))
-
-
-_MKLDNN_POINTWISE = (
-    torch.ops.mkldnn._convolution_pointwise.default
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-    else None
-)
-if _MKLDNN_POINTWISE is not None and torch.ops.mkldnn._convolution_pointwise not in flop_counter.flop_registry:
-
-    @flop_counter.register_flop_formula(torch.ops.mkldnn._convolution_pointwise)
-    def _conv_pointwise_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        """So ``torch.utils.flop_counter`` (``summary``'s GFLOPs) counts the fused conv like a conv."""
-        return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
 
 
 def conv_plus_identity(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
