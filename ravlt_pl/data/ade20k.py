@@ -24,9 +24,9 @@ from albumentations.pytorch import ToTensorV2
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader
 
-from .base import BaseDataModule
+from .base import AugmentedDataset, BaseDataModule
 from .errors import DatasetError
 
 IGNORE_INDEX = 255
@@ -189,7 +189,7 @@ def read_label(path: Path, image_size: tuple[int, int], num_classes: int, reduce
     return label
 
 
-class ADE20KDataset(Dataset):
+class ADE20KDataset(AugmentedDataset):
     """(image, label) pairs; ``train`` applies the joint pipeline, eval keeps the label untouched.
 
     Items: ``image`` (3, h, w) float, ``label`` (H, W) uint8 (train: the crop; eval: original size),
@@ -204,18 +204,9 @@ class ADE20KDataset(Dataset):
         self.train = train
         self.num_classes = num_classes
         self.reduce_zero_label = reduce_zero_label
-        self._seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
-
-    def _seed_transform(self) -> None:
-        """albumentations keeps its own RNG: give every worker (each epoch) its own stream from torch's seed."""
-        info = get_worker_info()
-        seed = info.seed if info is not None else torch.initial_seed()
-        if seed != self._seed:
-            self.transform.set_random_seed(seed % 2**32)
-            self._seed = seed
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_path, label_path = self.samples[index]
@@ -226,7 +217,7 @@ class ADE20KDataset(Dataset):
             item["orig_size"] = image.shape[:2]
         else:
             label = read_label(label_path, (image.shape[1], image.shape[0]), self.num_classes, self.reduce_zero_label)
-            self._seed_transform()
+            self.seed_transform()
             out = self.transform(image=image, mask=label) if self.train else self.transform(image=image)
             item["label"] = torch.as_tensor(out["mask"] if self.train else label)
         item["image"] = out["image"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
 from .errors import DatasetError
 
@@ -128,6 +129,27 @@ class BaseDataModule(LightningDataModule):
             persistent_workers=self.persistent_workers and workers > 0,
             collate_fn=collate_fn,
         )
+
+
+class AugmentedDataset(Dataset):
+    """A dataset whose albumentations pipeline draws from torch's per-worker seed.
+
+    albumentations' ``Compose`` keeps its own RNG, seeded from OS entropy and blind to
+    ``seed_everything``; forked workers would also share one copied stream and draw the same
+    augmentations. :meth:`seed_transform` (called before each training transform) reseeds it from
+    the worker's seed (each epoch's seed with non-persistent workers) or, without workers, from
+    ``torch.initial_seed()``, so runs repeat under a seed and workers differ.
+    """
+
+    transform: Any
+    _seed: int | None = None
+
+    def seed_transform(self) -> None:
+        info = get_worker_info()
+        seed = info.seed if info is not None else torch.initial_seed()
+        if seed != self._seed:
+            self.transform.set_random_seed(seed % 2**32)
+            self._seed = seed
 
 
 class ShardedEvalSampler(Sampler[int]):

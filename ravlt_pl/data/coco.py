@@ -28,7 +28,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from .base import BaseDataModule
+from .base import AugmentedDataset, BaseDataModule
 from .errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ def _xyxy(anns: list[dict]) -> np.ndarray:
     return boxes
 
 
-class COCODetection(Dataset):
+class COCODetection(AugmentedDataset):
     """One split. Train items: augmented image + ``boxes``/``labels``/``masks`` in its pixels.
     Eval items: resized image + every annotation in original pixels (``iscrowd``, ``area``, ``image_id``,
     ``orig_size``), the form torchmetrics' ``MeanAveragePrecision`` compares against."""
@@ -281,6 +281,7 @@ class COCODetection(Dataset):
         height, width = image.shape[:2]
         boxes = _xyxy(anns).clip(0, [width, height, width, height])
         extra = {"masks": masks} if masks is not None else {}
+        self.seed_transform()
         out = self.transform(image=image, bboxes=boxes, labels=labels, indices=np.arange(len(anns)), **extra)
         boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # torchvision rejects empty boxes
