@@ -197,6 +197,9 @@ def elu(x: torch.Tensor) -> torch.Tensor:
         return F.elu(x)
     if torch.compiler.is_compiling():  # the same formula, out of place (the compiler fuses it)
         return torch.maximum(torch.exp(torch.clamp(x, max=0.0)) - 1.0, x)
+    if not (torch.is_grad_enabled() and x.requires_grad):  # nothing to save: one buffer, in place
+        out = torch.clamp(x, max=0.0).exp_().sub_(1.0)
+        return torch.maximum(out, x, out=out)
     return _ExpFormElu.apply(x)
 
 

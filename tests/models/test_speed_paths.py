@@ -60,6 +60,9 @@ def test_exp_form_elu_matches_elu_in_value_and_gradient():
     out.backward(grad)
     F.elu(theirs).backward(grad)
     assert torch.allclose(ours.grad, theirs.grad, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():  # inference: the same formula in one buffer, the input untouched
+        before = x.clone()
+        assert torch.allclose(elu(x), F.elu(x), rtol=2.5e-7, atol=2.5e-7) and torch.equal(x, before)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -127,6 +130,20 @@ def test_residual_with_drop_path_matches_timm_drop_path():
     expected = x + DropPath(0.5)(block.gamma_1 * branch)
     torch.testing.assert_close(ours, expected)
     assert not torch.equal(ours, x + block.gamma_1 * branch)  # some samples were dropped
+
+
+@pytest.mark.parametrize("layerscale", [True, False])
+def test_residual_without_autograd_sums_into_the_branch(layerscale):
+    block = Block(16, 2, 2.0, "linear", layerscale=layerscale).eval()
+    gamma = torch.rand(1, 16, 1, 1) if layerscale else None
+    x, branch = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
+    expected = x + branch if gamma is None else x + gamma * branch
+    with torch.no_grad():
+        x_before, out = x.clone(), block._residual(x, branch.clone(), gamma)
+        torch.testing.assert_close(out, expected)
+        assert torch.equal(x, x_before)  # the block input (the shortcut) is never written
+        half = block._residual(x, branch.bfloat16(), gamma)  # mixed dtypes: the promoting sum, as with autograd
+        assert half.dtype == torch.float32
 
 
 @pytest.mark.parametrize("attention", [["linear", "linear", "softmax", "softmax"], ["linear"] * 4])
