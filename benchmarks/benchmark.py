@@ -185,6 +185,8 @@ def make_cases(model, args, device, infer_model=None):
 
             cases.append((("infer", res, bs), bs, infer))
         tb = args.train_batch_size
+        if tb <= 0:  # inference only: no training step between the inference samples
+            continue
         x = torch.randn(tb, 3, res, res, device=device).contiguous(memory_format=fmt)
         y = torch.randint(0, 1000, (tb,), device=device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.05)
@@ -261,17 +263,20 @@ def benchmark_models(args, device, peak):
             n_macs, counter = macs[base, res]
             train_key = ("train", res, args.train_batch_size)
             r = {"model": row, "resolution": res, "params_m": info[row]["params_m"], "gmacs": n_macs / 1e9,
-                 "flop_counter": counter, "train": timings[row, train_key],
+                 "flop_counter": counter,
                  "infer": {str(bs): timings[row, ("infer", res, bs)] for bs in args.batch_sizes},
-                 "peak_mem_mb": {"train": mem[train_key],
-                                 **{f"infer_bs{bs}": mem["infer", res, bs] for bs in args.batch_sizes}}}  # fmt: skip
+                 "peak_mem_mb": {f"infer_bs{bs}": mem["infer", res, bs] for bs in args.batch_sizes}}  # fmt: skip
+            if args.train_batch_size > 0:
+                r["train"] = timings[row, train_key]
+                r["peak_mem_mb"]["train"] = mem[train_key]
             r["achieved_gflops"] = 2 * n_macs * r["infer"][str(max(args.batch_sizes))]["img_s"] / 1e9
             r["peak_share"] = r["achieved_gflops"] / peak
             results.append(r)
     for r in results:  # ratios to the baseline at the same resolution (>1: faster than baseline)
         base = next((b for b in results if b["model"] == args.baseline and b["resolution"] == r["resolution"]), None)
-        cases = {**{f"infer_bs{bs}": (r["infer"][bs], base and base["infer"][bs]) for bs in r["infer"]},
-                 "train": (r["train"], base and base["train"])}  # fmt: skip
+        cases = {f"infer_bs{bs}": (r["infer"][bs], base and base["infer"][bs]) for bs in r["infer"]}
+        if "train" in r:
+            cases["train"] = (r["train"], base and base["train"])
         r["ratio_vs_baseline"] = None if base is None else {k: t["img_s"] / b["img_s"] for k, (t, b) in cases.items()}
         # Paired: the median over rounds of the ratio within a round (neighbouring samples share the
         # machine's load); best: ratio of the fastest samples (load only ever slows a sample down).
@@ -479,7 +484,8 @@ def benchmark_data_loading(args, model_results) -> dict:
             print(f"  data round {r + 1}/{args.data_rounds} done", flush=True)
         profiles = {name: top_functions(ds, fn, batch[name]) for name, (_, ds, fn, _) in pipes.items()}
     feed = dict(args.feed_img_s)
-    ravlt = next((r for r in model_results if r["model"] == "ravlt_s" and r["resolution"] == 224), None)
+    ravlt = next((r for r in model_results if r["model"] == "ravlt_s" and r["resolution"] == 224
+                  and "train" in r), None)
     if ravlt is not None and "imagenet" not in feed:
         feed["imagenet"] = ravlt["train"]["img_s"]
     out = {"workers_checked": args.data_workers, "feed_img_s": feed,
@@ -533,26 +539,28 @@ def atomic_write(path: Path, writer):
 
 def print_table(results, args, peak):
     bss = [str(b) for b in args.batch_sizes]
+    train = args.train_batch_size > 0
     head = (["model", "res", "params M", "GMACs"] + [f"img/s bs{b}" for b in bss]
-            + [f"train img/s bs{args.train_batch_size}", "train ms", "mem inf MB", "mem train MB",
-               "GFLOP/s", "% peak"] + [f"x base bs{b}" for b in bss] + ["x base train"])  # fmt: skip
+            + ([f"train img/s bs{args.train_batch_size}", "train ms"] if train else []) + ["mem inf MB"]
+            + (["mem train MB"] if train else []) + ["GFLOP/s", "% peak"] + [f"x base bs{b}" for b in bss]
+            + (["x base train"] if train else []))  # fmt: skip
     lines = []
     for r in results:
         ratio = r["ratio_vs_baseline"]
         mem_inf = r["peak_mem_mb"][f"infer_bs{max(args.batch_sizes)}"]
         lines.append([r["model"], str(r["resolution"]), f"{r['params_m']:.2f}", f"{r['gmacs']:.2f}"]
                      + [f"{r['infer'][b]['img_s']:.1f}" for b in bss]
-                     + [f"{r['train']['img_s']:.1f}", f"{r['train']['ms']:.0f}", f"{mem_inf:.0f}",
-                        f"{r['peak_mem_mb']['train']:.0f}", f"{r['achieved_gflops']:.1f}",
-                        f"{100 * r['peak_share']:.1f}"]
-                     + ([f"{ratio[f'infer_bs{b}']:.2f}" for b in bss] + [f"{ratio['train']:.2f}"]
-                        if ratio else ["-"] * (len(bss) + 1)))  # fmt: skip
+                     + ([f"{r['train']['img_s']:.1f}", f"{r['train']['ms']:.0f}"] if train else [])
+                     + [f"{mem_inf:.0f}"] + ([f"{r['peak_mem_mb']['train']:.0f}"] if train else [])
+                     + [f"{r['achieved_gflops']:.1f}", f"{100 * r['peak_share']:.1f}"]
+                     + ([f"{ratio[f'infer_bs{b}']:.2f}" for b in bss] + ([f"{ratio['train']:.2f}"] if train else [])
+                        if ratio else ["-"] * (len(bss) + train)))  # fmt: skip
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)] if lines else []
     print(f"\npeak matmul: {peak:.1f} GFLOP/s; ratios: x baseline {args.baseline} (>1 = faster)")
     for l in [head] + lines:
         print("  ".join(c.rjust(w) for c, w in zip(l, widths)))
     if any(r["ratio_vs_baseline"] for r in results):
-        keys = [f"infer_bs{b}" for b in bss] + ["train"]
+        keys = [f"infer_bs{b}" for b in bss] + (["train"] if train else [])
         print(f"\nratios x {args.baseline}, three estimators (median of medians | median of per-round ratios | best sample):")
         for r in results:
             if r["ratio_vs_baseline"]:
@@ -570,7 +578,8 @@ def plot(results, args, path):
     res0 = args.resolutions[0]
     rs = [r for r in results if r["resolution"] == res0]
     metrics = [(f"inference img/s, batch {b}", lambda r, b=str(b): r["infer"][b]["img_s"]) for b in args.batch_sizes]
-    metrics.append((f"training img/s, batch {args.train_batch_size}", lambda r: r["train"]["img_s"]))
+    if args.train_batch_size > 0:
+        metrics.append((f"training img/s, batch {args.train_batch_size}", lambda r: r["train"]["img_s"]))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 0.45 * len(rs) + 1.8), squeeze=False)
     for ax, (title, get) in zip(axes[0], metrics):
         colors = ["tab:red" if r["model"] == args.baseline else
@@ -601,7 +610,8 @@ def parse_args(argv):
     p.add_argument("--resolutions", type=int, nargs="+", default=[224])
     p.add_argument("--models", nargs="*", default=DEFAULT_MODELS)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1])
-    p.add_argument("--train-batch-size", type=int, default=8)
+    p.add_argument("--train-batch-size", type=int, default=8,
+                   help="0: no training rows (an inference-only process: the allocator never sees a training step)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--min-sample-time", type=float, default=0.2,

@@ -25,3 +25,14 @@ def test_benchmark_smoke(tmp_path):
     assert row["peak_mem_mb"]["train"] > row["peak_mem_mb"]["infer_bs1"] > 11.69 * 4 * 0.95  # >= weights
     assert row["achieved_gflops"] > 0 and 0 < row["peak_share"]
     assert row["ratio_vs_baseline"] == {"infer_bs1": 1.0, "train": 1.0}
+
+
+def test_benchmark_inference_only_with_tuned_malloc(tmp_path):
+    out = tmp_path / "bench"
+    report = main(["--device", "cpu", "--threads", "1", "--models", "resnet18", "--baseline", "resnet18",
+                   "--resolutions", "64", "--batch-sizes", "1", "--train-batch-size", "0", "--malloc", "tuned",
+                   "--rounds", "1", "--warmup", "0", "--out", str(out)])  # fmt: skip
+    (row,) = report["results"]
+    assert "train" not in row and row["infer"]["1"]["img_s"] > 0
+    assert row["ratio_vs_baseline"] == {"infer_bs1": 1.0}
+    assert report["meta"]["malloc"] == "tuned" and report["meta"]["malloc_settings"]["M_MMAP_THRESHOLD"] == 1 << 25

@@ -96,6 +96,8 @@ class CatMaxRatioCrop(A.RandomCrop):
         self, height: int, width: int, cat_max_ratio: float = 0.75, ignore_index: int = IGNORE_INDEX, tries: int = 10
     ) -> None:
         super().__init__(height, width, p=1.0)
+        if not 0 <= ignore_index <= 255:
+            raise ValueError(f"ignore_index must be a uint8 label value (0..255), got {ignore_index}")
         self.cat_max_ratio, self.ignore_index, self.tries = cat_max_ratio, ignore_index, tries
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
@@ -118,16 +120,24 @@ class CatMaxRatioCrop(A.RandomCrop):
 
 def photometric_distortion() -> list[A.BasicTransform]:
     """mmseg's ``PhotoMetricDistortion`` from albumentations parts, each applied with p .5:
-    brightness ±32, contrast ×[.5, 1.5], saturation ×[.5, 1.5], hue ±18 (OpenCV hue units).
+    brightness ±32, then contrast ×[.5, 1.5] either first or last (a coin flip per image, as in
+    mmseg) around saturation ×[.5, 1.5] and hue ±18 (OpenCV hue units).
 
-    Differences, all minor: the order is fixed (mmseg puts contrast before or after the colour
-    steps at random), and saturation blends with grey as torchvision does (mmseg scales HSV's S).
+    One difference, minor: saturation blends with grey as torchvision does (mmseg scales HSV's S).
     """
+
+    def contrast() -> A.BasicTransform:
+        return A.RandomBrightnessContrast(brightness_limit=0.0, contrast_limit=0.5, p=0.5)
+
+    def colour() -> list[A.BasicTransform]:
+        return [
+            A.ColorJitter(brightness=0.0, contrast=0.0, saturation=(0.5, 1.5), hue=0.0, p=0.5),
+            A.HueSaturationValue(hue_shift_limit=18, sat_shift_limit=0, val_shift_limit=0, p=0.5),
+        ]
+
     return [
         A.RandomBrightnessContrast(brightness_limit=32 / 255, contrast_limit=0.0, p=0.5),
-        A.RandomBrightnessContrast(brightness_limit=0.0, contrast_limit=0.5, p=0.5),
-        A.ColorJitter(brightness=0.0, contrast=0.0, saturation=(0.5, 1.5), hue=0.0, p=0.5),
-        A.HueSaturationValue(hue_shift_limit=18, sat_shift_limit=0, val_shift_limit=0, p=0.5),
+        A.OneOf([A.Sequential([contrast(), *colour()]), A.Sequential([*colour(), contrast()])], p=1.0),
     ]
 
 

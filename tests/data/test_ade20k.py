@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import albumentations as A
 import numpy as np
 import pytest
 import torch
@@ -11,6 +12,7 @@ from PIL import Image
 
 from ravlt_pl.data.ade20k import (
     ADE20K_CLASSES, IGNORE_INDEX, ADE20KDataModule, CatMaxRatioCrop, KeepRatioRescale, collate_eval,
+    photometric_distortion,
 )  # fmt: skip
 from ravlt_pl.data.errors import DatasetError
 from ravlt_pl.data.synthetic import make_segmentation
@@ -195,3 +197,21 @@ def test_empty_split_names_the_folder(ade_root: Path, tmp_path: Path) -> None:
         path.unlink()
     with pytest.raises(DatasetError, match=r"images/validation: no images"):
         datamodule(root).setup("validate")
+
+
+def test_photometric_distortion_puts_contrast_first_or_last() -> None:
+    """mmseg draws per image whether contrast comes before or after the colour steps."""
+    brightness, orders = photometric_distortion()
+    assert brightness.brightness_limit != (0.0, 0.0)
+    first, last = ([type(t).__name__ for t in branch.transforms] for branch in orders.transforms)
+    assert first[0] == last[-1] == "RandomBrightnessContrast" and first[1:] == last[:-1]
+    pipeline = A.Compose(photometric_distortion(), seed=0)
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    outs = [pipeline(image=image)["image"] for _ in range(8)]
+    assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outs)
+    assert len({o.tobytes() for o in outs}) > 1
+
+
+def test_crop_rejects_an_ignore_index_outside_uint8() -> None:
+    with pytest.raises(ValueError, match="ignore_index"):
+        CatMaxRatioCrop(8, 8, ignore_index=-1)
