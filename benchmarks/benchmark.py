@@ -4,8 +4,9 @@ Every measurement is interleaved: each round visits every (model, case) once, in
 (case-major: all models' batch-8 inference, then batch 1, then training), and a figure is the
 median over rounds, so machine noise hits all models alike. Ratios to ``--baseline`` come three
 ways: of the medians, the median of per-round ratios (paired samples taken seconds apart) and of
-the best samples (load only slows a sample down); on a shared machine, quote the paired one. ``--compile`` raises dynamo's
-recompile limit to 64 (eval/train × batch sizes × resolutions each need their own graph).
+the best samples (load only slows a sample down); on a shared machine, quote the paired one.
+``--compile`` raises dynamo's recompile limit to 64 (eval/train × batch sizes × resolutions each
+need their own graph).
 Cases: inference images/s at each --batch-sizes and --resolutions, and one training step
 (forward + backward + AdamW) at --train-batch-size. All models use random weights; nothing is
 downloaded.
@@ -637,35 +638,31 @@ def _feed(text: str) -> tuple[str, float]:
     return name, float(value)
 
 
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-
-
 def tune_glibc_malloc() -> dict[str, int]:
     """Make glibc keep freed memory for reuse instead of returning it to the kernel.
 
     By default glibc serves blocks above a (dynamic) threshold with fresh ``mmap`` pages and trims
     the heap top soon after a free, so a CPU forward pass page-faults (and the kernel zeroes) much of
     its activation memory every call. Measured here in an inference-only process (batch 8): RAVLT-S
-    +6%, the plain baseline +19%, Swin-T +35% images/s with this setting. The environment variables ``MALLOC_MMAP_THRESHOLD_=33554432
-    MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_TOP_PAD_=268435456`` do the same for any command
-    (``python -m ravlt_pl ...`` included), as does preloading jemalloc or tcmalloc. Cost: up to
-    ~1.3 GB of freed memory stays with the process.
+    +6%, the plain baseline +19%, Swin-T +35% images/s with this setting. The environment variables
+    ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_TOP_PAD_=268435456``
+    do the same for any command (``python -m ravlt_pl ...`` included), as does preloading jemalloc
+    or tcmalloc. Cost: up to ~1.3 GB of freed memory stays with the process.
     """
     import ctypes
     import ctypes.util
 
-    settings = {"M_TRIM_THRESHOLD": 1 << 30, "M_TOP_PAD": 1 << 28, "M_MMAP_THRESHOLD": 1 << 25}
-    codes = {"M_TRIM_THRESHOLD": _M_TRIM_THRESHOLD, "M_TOP_PAD": _M_TOP_PAD, "M_MMAP_THRESHOLD": _M_MMAP_THRESHOLD}
+    # name: (mallopt parameter code from malloc.h, value)
+    params = {"M_TRIM_THRESHOLD": (-1, 1 << 30), "M_TOP_PAD": (-2, 1 << 28), "M_MMAP_THRESHOLD": (-3, 1 << 25)}
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError) as err:
         raise SystemExit(f"--malloc tuned needs glibc's mallopt: {err}") from None
-    for name, value in settings.items():
-        if mallopt(codes[name], value) != 1:
+    for name, (code, value) in params.items():
+        if mallopt(code, value) != 1:
             raise SystemExit(f"--malloc tuned: mallopt({name}, {value}) failed")
-    return settings
+    return {name: value for name, (_, value) in params.items()}
 
 
 def main(argv=None):

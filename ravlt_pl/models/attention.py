@@ -79,6 +79,7 @@ class RotaryTable(nn.Module):
             self._cache.move_to_end(key)
         return tables
 
+
 def _build_tables(angle: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = torch.arange(height, device=angle.device, dtype=angle.dtype)[:, None] * angle  # (H, d/2)
     cols = torch.arange(width, device=angle.device, dtype=angle.dtype)[:, None] * angle  # (W, d/2)
@@ -179,15 +180,23 @@ class _ExpFormElu(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        slope = torch.clamp(x, max=0.0).exp_()  # = d elu / dx
+        out, slope = _exp_form_elu(x, keep_slope=True)
         ctx.save_for_backward(slope)
-        out = slope - 1.0
-        return torch.maximum(out, x, out=out)  # elu(x) = max(x, exp(min(x, 0)) - 1), as e^x >= 1 + x
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (slope,) = ctx.saved_tensors
         return grad * slope
+
+
+def _exp_form_elu(x: torch.Tensor, keep_slope: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(elu(x), exp(min(x, 0)))``: the slope is d elu / dx; without ``keep_slope`` its buffer
+    becomes the output (one allocation) and None is returned in its place."""
+    slope = torch.clamp(x, max=0.0).exp_()
+    out = slope - 1.0 if keep_slope else slope.sub_(1.0)
+    out = torch.maximum(out, x, out=out)  # elu(x) = max(x, exp(min(x, 0)) - 1), as e^x >= 1 + x
+    return out, slope if keep_slope else None
 
 
 def elu(x: torch.Tensor) -> torch.Tensor:
@@ -198,8 +207,7 @@ def elu(x: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():  # the same formula, out of place (the compiler fuses it)
         return torch.maximum(torch.exp(torch.clamp(x, max=0.0)) - 1.0, x)
     if not (torch.is_grad_enabled() and x.requires_grad):  # nothing to save: one buffer, in place
-        out = torch.clamp(x, max=0.0).exp_().sub_(1.0)
-        return torch.maximum(out, x, out=out)
+        return _exp_form_elu(x, keep_slope=False)[0]
     return _ExpFormElu.apply(x)
 
 

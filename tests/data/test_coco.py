@@ -168,7 +168,8 @@ def test_augmented_boxes_and_masks_stay_aligned(coco_root, recipe):
     # The synthetic polygons' boxes and rasterised masks differ by up to 1 px; the pipelines upscale
     # the 80x64 images by at most 2 (1x: short 64 -> 128) or 3.15 (3x crop branch: x1.5, crop to 61 px
     # short, resize to 128), and nearest-neighbour mask resizing adds up to 1 px.
-    tolerance = {"1x": 2.0, "3x": 3.15}[recipe] * 1.0 + 1.0
+    box_mask_px, max_upscale, nearest_px = 1.0, {"1x": 2.0, "3x": 3.15}[recipe], 1.0
+    tolerance = box_mask_px * max_upscale + nearest_px
     dm = _datamodule(coco_root, recipe=recipe, scale=(160, 128))
     dm.setup("fit")
     for seed in range(3):
