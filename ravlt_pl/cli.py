@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from importlib import resources
 import warnings
 from pathlib import Path
 
@@ -27,17 +28,23 @@ from .models.checkpoint import CheckpointError
 from .published import published_for
 from .tasks.base import BaseTask
 
-CONFIG_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "configs")
+#: The published configs ship inside the package (``ravlt_pl/configs``; ``configs/`` in a clone links to it).
+PACKAGE_CONFIGS = Path(str(resources.files("ravlt_pl") / "configs"))
+
+
+def config_dirs() -> tuple[Path, ...]:
+    """Where a bare config name is looked up: ``./configs`` of the working directory, then the package's."""
+    return tuple(dict.fromkeys([Path.cwd() / "configs", PACKAGE_CONFIGS]))
 
 
 def resolve_config(name: str) -> str:
     """A config path as given if it exists, else the same name under ``configs/``."""
     if Path(name).exists():
         return name
-    for folder in CONFIG_DIRS:
+    for folder in config_dirs():
         if (folder / name).is_file():
             return str(folder / name)
-    raise FileNotFoundError(f"config {name!r} not found here nor in {', '.join(map(str, CONFIG_DIRS))}")
+    raise FileNotFoundError(f"config {name!r} not found here nor in {', '.join(map(str, config_dirs()))}")
 
 
 def _resolve_config_args(args: list[str]) -> list[str]:
@@ -140,7 +147,7 @@ def main(args: list[str] | None = None) -> RAVLTCLI | dict | None:
         if args and args[0] == "summary":
             return summary(args[1:])
         if args and args[0] == "benchmark":
-            from benchmarks.benchmark import main as benchmark  # the repository's benchmarks/ folder
+            from .benchmark.runner import main as benchmark
 
             benchmark(args[1:])
             return

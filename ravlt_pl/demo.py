@@ -12,16 +12,16 @@ import time
 from functools import partial
 from pathlib import Path
 
-from .cli import build_cli
+from .cli import build_cli, resolve_config
 from .data import synthetic
 
 DEMOS = {
     # task: (generator, data directory, root passed to the data module, config)
     "classification": (partial(synthetic.make_classification, train_per_class=400, val_per_class=50, image_size=32),
-                       "data/synthetic/classification", "", "configs/demo/cls.yaml"),
-    "detection": (synthetic.make_detection, "data/synthetic/detection", "", "configs/demo/det.yaml"),
+                       "data/synthetic/classification", "", "demo/cls.yaml"),
+    "detection": (synthetic.make_detection, "data/synthetic/detection", "", "demo/det.yaml"),
     "segmentation": (synthetic.make_segmentation, "data/synthetic/segmentation", "ADEChallengeData2016",
-                     "configs/demo/seg.yaml"),
+                     "demo/seg.yaml"),
 }  # fmt: skip
 
 
@@ -31,7 +31,7 @@ def run(task: str, extra: list[str]) -> dict:
     if not out.exists():
         make(out)
     start = time.time()
-    cli = build_cli(["fit", "--config", config, "--data.init_args.root", str(out / sub), *extra])
+    cli = build_cli(["fit", "--config", resolve_config(config), "--data.init_args.root", str(out / sub), *extra])
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
     reports = (json.loads(p.read_text()) for p in Path(cli.trainer.log_dir).glob("reports/validate/*.json"))
     data = next(r for r in reports if isinstance(r, dict) and "headline" in r)  # not the COCO results lists

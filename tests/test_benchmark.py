@@ -1,7 +1,7 @@
-"""Smoke test of the speed benchmark runner (benchmarks/benchmark.py) with tiny settings."""
+"""Smoke test of the speed benchmark runner (ravlt_pl/benchmark/runner.py) with tiny settings."""
 import json
 
-from benchmarks.benchmark import main
+from ravlt_pl.benchmark.runner import main
 
 
 def test_benchmark_smoke(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from ravlt_pl.cli import main, resolve_config
 from tests.conftest import tiny_cli_args
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "ravlt_pl" / "configs"
 CLS_CONFIGS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml") if "ImageNetDataModule" in p.read_text())
 
 

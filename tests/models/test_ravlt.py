@@ -7,7 +7,7 @@ import timm
 import torch
 
 import ravlt_pl  # noqa: F401  (registers ravlt_* with timm)
-from benchmarks.reference_ravlt import ReferenceRAVLT
+from ravlt_pl.benchmark.reference_ravlt import ReferenceRAVLT
 from ravlt_pl.models import RAVLT, RotaryTable, load_official
 from ravlt_pl.models.attention import rotate_every_two
 from tests.conftest import FIXTURES, TINY, rel_err
@@ -43,7 +43,7 @@ def test_dense_backbone_reproduces_official_features(official_dense):
     ],
 )
 def test_matches_plain_reference_for_other_shapes(overrides, size):
-    """The plain implementation in benchmarks/ is a second oracle for configurations beyond the fixtures."""
+    """The plain implementation in ravlt_pl/benchmark/ is a second oracle for configurations beyond the fixtures."""
     cfg = {**TINY, "num_classes": 7, **overrides}
     torch.manual_seed(0)
     ours = RAVLT(**cfg).eval()

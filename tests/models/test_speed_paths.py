@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 
-from benchmarks.reference_ravlt import ReferenceRAVLT
+from ravlt_pl.benchmark.reference_ravlt import ReferenceRAVLT
 from ravlt_pl.models import RAVLT, RotaryTable
 from ravlt_pl.models.attention import _rope_forms, _rotate, apply_rope, elu
 from ravlt_pl.models.ravlt import _MKLDNN_POINTWISE, Block, conv_gelu, conv_plus_identity

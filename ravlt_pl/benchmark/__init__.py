@@ -1,0 +1,1 @@
+"""Speed benchmark (``python -m ravlt_pl benchmark``) and the plain reference RAVLT it compares against."""
