@@ -22,15 +22,23 @@ from ..models import load_official
 log = logging.getLogger(__name__)
 
 
-def param_groups(model: nn.Module) -> list[dict]:
-    """Two AdamW groups: weights decay; norms, biases and layer-scale gammas do not."""
+def param_groups(model: nn.Module, exempt: Sequence[str]) -> list[dict]:
+    """AdamW groups: parameters that decay, and those ``exempt`` names with weight decay 0.
+
+    An entry of ``exempt`` is either ``"1d"``, every parameter of at most one dimension and every
+    bias (timm's ``create_optimizer`` rule that DeiT trains with: RAVLT's layer-scale gammas are
+    (1, C, 1, 1) and so still decay), or a substring of the parameter name (mmcv's ``paramwise_cfg``
+    ``custom_keys`` with ``decay_mult=0``, e.g. ``"norm"``). An empty ``exempt`` decays everything.
+    """
+    keys = [key for key in exempt if key != "1d"]
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        leaf = name.rsplit(".", 1)[-1]
-        (no_decay if param.ndim <= 1 or leaf == "bias" or leaf.startswith("gamma") else decay).append(param)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        one_dim = "1d" in exempt and (param.ndim <= 1 or name.rsplit(".", 1)[-1] == "bias")
+        (no_decay if one_dim or any(key in name for key in keys) else decay).append(param)
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 class WarmupSchedule(LambdaLR):
@@ -85,10 +93,22 @@ class BaseTask(LightningModule):
 
     Subclasses set ``self.model`` (the network) and ``monitor``/``mode`` (the metric that picks the
     best checkpoint), implement the steps, and call :meth:`write_report` from their epoch ends.
+
+    Args:
+        optimizer: optimizer class and arguments, given the parameter groups of :func:`param_groups`.
+        scheduler: learning-rate schedule, stepped per optimizer step.
+        ema_decay: decay of the weight EMA (``None``: no EMA).
+        pretrained: checkpoint to initialise the backbone from (the authors' release or a state dict).
+        report_dir: where ``validate``/``test``/``predict`` write reports (default: the run's log dir).
+        weight_decay_exempt: parameters trained without weight decay: ``"1d"`` (every parameter of at
+            most one dimension and every bias) and/or parameter-name substrings (see :func:`param_groups`);
+            ``None`` is the task's ``default_weight_decay_exempt``, ``[]`` decays every parameter.
     """
 
     monitor = "val/loss"
     mode: Literal["min", "max"] = "min"
+    #: ``weight_decay_exempt`` when the config leaves it ``None`` (see :func:`param_groups`).
+    default_weight_decay_exempt: tuple[str, ...] = ()
     #: (H, W) at which ``summary`` counts FLOPs.
     summary_input_size: tuple[int, int] = (224, 224)
 
@@ -99,6 +119,7 @@ class BaseTask(LightningModule):
         ema_decay: float | None = None,
         pretrained: str | None = None,
         report_dir: str | None = None,
+        weight_decay_exempt: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.optimizer = optimizer
@@ -106,6 +127,9 @@ class BaseTask(LightningModule):
         self.ema_decay = ema_decay
         self.pretrained = pretrained
         self._report_dir = report_dir
+        self.weight_decay_exempt = (
+            list(self.default_weight_decay_exempt) if weight_decay_exempt is None else list(weight_decay_exempt)
+        )
         self.ema: ModelEmaV3 | None = None
 
     # -- model helpers ----------------------------------------------------------------------------
@@ -140,7 +164,7 @@ class BaseTask(LightningModule):
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = self.optimizer(param_groups(self.model))
+        optimizer = self.optimizer(param_groups(self.model, self.weight_decay_exempt))
         total = int(self.trainer.estimated_stepping_batches)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         scheduler = self.scheduler(optimizer, total_steps=total, steps_per_epoch=max(total // epochs, 1))

@@ -48,10 +48,13 @@ class ClassificationTask(BaseTask):
         ema_decay: decay of the weight EMA evaluated alongside the model (``None``: no EMA).
         pretrained: checkpoint to initialise from (authors' release or a state dict), head excluded.
         report_dir: where ``validate``/``test`` write reports (default: the run's log dir).
+        weight_decay_exempt: parameters without weight decay; ``None`` is DeiT's ``["1d"]`` (norms and
+            biases; the (1, C, 1, 1) layer-scale gammas decay). See :class:`~ravlt_pl.tasks.base.BaseTask`.
     """
 
     monitor = "val/top1"
     mode = "max"
+    default_weight_decay_exempt = ("1d",)
 
     def __init__(
         self,
@@ -70,8 +73,9 @@ class ClassificationTask(BaseTask):
         ema_decay: float | None = None,
         pretrained: str | None = None,
         report_dir: str | None = None,
+        weight_decay_exempt: list[str] | None = None,
     ) -> None:
-        super().__init__(optimizer, scheduler, ema_decay, pretrained, report_dir)
+        super().__init__(optimizer, scheduler, ema_decay, pretrained, report_dir, weight_decay_exempt)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         extra = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
         self.model = build_backbone(variant, backbone_overrides, num_classes=num_classes, **extra)

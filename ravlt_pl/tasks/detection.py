@@ -57,6 +57,8 @@ class DetectionTask(BaseTask):
         scheduler: learning-rate schedule (the recipe: 500 linear warmup steps, ×0.1 at epochs 8, 11 / 27, 33).
         pretrained: backbone checkpoint (ours or the authors' classification / mmdet release).
         report_dir: where reports go (default: the run's log dir).
+        weight_decay_exempt: parameters without weight decay (``"1d"`` and/or name substrings, see
+            :class:`~ravlt_pl.tasks.base.BaseTask`); ``None`` decays every parameter.
     """
 
     mode = "max"
@@ -81,8 +83,9 @@ class DetectionTask(BaseTask):
         scheduler: LRSchedulerCallable = WarmupSchedule,
         pretrained: str | None = None,
         report_dir: str | None = None,
+        weight_decay_exempt: list[str] | None = None,
     ) -> None:
-        super().__init__(optimizer, scheduler, None, pretrained, report_dir)
+        super().__init__(optimizer, scheduler, None, pretrained, report_dir, weight_decay_exempt)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.model = build_detector(
             detector, num_classes, variant, backbone_overrides, drop_path_rate,

@@ -73,7 +73,8 @@ class SegmentationTask(BaseTask):
         class_names: names for the report (default: the data module's ``class_names``).
         report_images: how many validation images the report's image / ground truth / prediction grid shows.
         predict_dir: where ``predict`` writes palette PNG masks (default: ``<report dir>/masks``).
-        optimizer, scheduler, ema_decay, pretrained, report_dir: see :class:`BaseTask`
+        optimizer, scheduler, ema_decay, pretrained, report_dir, weight_decay_exempt: see :class:`BaseTask`
+            (``weight_decay_exempt``: ``None`` decays every parameter)
             (``pretrained``: a classification checkpoint loaded into the backbone before ``fit``).
     """
 
@@ -105,8 +106,9 @@ class SegmentationTask(BaseTask):
         ema_decay: float | None = None,
         pretrained: str | None = None,
         report_dir: str | None = None,
+        weight_decay_exempt: list[str] | None = None,
     ) -> None:
-        super().__init__(optimizer, scheduler, ema_decay, pretrained, report_dir)
+        super().__init__(optimizer, scheduler, ema_decay, pretrained, report_dir, weight_decay_exempt)
         self.save_hyperparameters()
         self.num_classes = num_classes
         self.decoder = decoder

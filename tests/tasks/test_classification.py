@@ -5,20 +5,9 @@ import json
 import torch
 
 from ravlt_pl.cli import main
-from ravlt_pl.tasks.base import WarmupSchedule, param_groups
+from ravlt_pl.tasks.base import WarmupSchedule
 from ravlt_pl.tasks.classification import ClassificationTask
 from tests.conftest import TINY, tiny_cli_args
-
-
-def test_no_weight_decay_on_norms_biases_and_gammas():
-    task = ClassificationTask(num_classes=3, backbone_overrides=TINY)
-    decay, no_decay = param_groups(task.model)
-    named = {id(p): n for n, p in task.model.named_parameters()}
-    no_decay_names = {named[id(p)] for p in no_decay["params"]}
-    assert no_decay["weight_decay"] == 0.0
-    assert "layers.0.blocks.0.gamma_1" in no_decay_names and "norm.weight" in no_decay_names
-    assert "layers.0.blocks.0.attn.qkvo.bias" in no_decay_names
-    assert all(named[id(p)].endswith("weight") and p.ndim > 1 for p in decay["params"])
 
 
 def test_warmup_then_cosine_and_step_schedules():
