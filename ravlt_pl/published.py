@@ -1,4 +1,4 @@
-"""The paper's published figures per config (shared/reference/RAVLT.md §1.3 and §3), for ``summary``."""
+"""The paper's published figures per config (docs/recipes.md, docs/architecture.md), for ``summary``."""
 
 from __future__ import annotations
 

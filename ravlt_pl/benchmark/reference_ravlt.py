@@ -1,4 +1,4 @@
-"""A plain, unoptimised RAVLT written straight from ``shared/reference/RAVLT.md`` §1–2.
+"""A plain, unoptimised RAVLT written straight from ``docs/architecture.md``.
 
 This module is the speed benchmark's baseline and a second, independent oracle for the
 optimised model in ``ravlt_pl.models``. It is written for readability, not speed:
