@@ -1,26 +1,25 @@
-"""Semantic segmentation (ADE20K): RAVLT + Semantic FPN or UperNet, mmseg's metrics, reports, palette masks."""
+"""Semantic segmentation (ADE20K): RAVLT + a segmentor named by class path, mmseg's metrics, reports, masks."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
-import matplotlib.pyplot as plt
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from matplotlib.colors import ListedColormap
-from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
 from torch.optim import AdamW
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from ..data.ade20k import IGNORE_INDEX, palette
-from ..models.segmentation import build_segmentor, resize
-from ..reports import atomic_write, markdown_table, write_report
+from ..data.ade20k import IGNORE_INDEX
+from ..models.segmentation import EncoderDecoder, SemanticFPN, resize
+from ..models.variants import build_backbone
 from .base import BaseTask, WarmupSchedule
+from .segmentation_report import GridRow, denormalize, save_mask, weights_source, write_segmentation_report
+
+#: A segmentor class (or its partial with the config's ``init_args``) called as ``segmentor(backbone, num_classes)``.
+SegmentorBuilder = Callable[[nn.Module, int], EncoderDecoder]
 
 
 def scores_from_confusion(confmat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -56,21 +55,19 @@ class SegmentationTask(BaseTask):
         variant: RAVLT variant (``ravlt_t/s/b/l``).
         backbone_overrides: constructor arguments replacing the variant's (e.g. a tiny test backbone).
         drop_path_rate: stochastic depth of the backbone; ``None`` keeps the variant's published rate.
-        norm_eval: freeze the backbone's BatchNorm statistics in training (published, for a backbone
-            initialised from ImageNet); ``false`` when training from scratch, as the demo does.
-        decoder: ``fpn`` (Semantic FPN: FPN 256 ch + FPNHead 128 ch) or ``upernet`` (UPerHead 512 ch
-            + auxiliary FCN head on stage 3, 256 ch).
-        head_channels: decode head width; ``None`` is the published 128 (FPNHead) or 512 (UPerHead).
-        fpn_channels: Semantic FPN's FPN width (published 256).
-        aux_channels: UperNet's auxiliary FCN head width (published 256).
-        aux_loss_weight: weight of the auxiliary head's loss (UperNet; published 0.4).
+        norm_eval: freeze the backbone's BatchNorm statistics in training; ``false`` when training from
+            scratch (the demo) and in the published recipes (see their config headers).
+        segmentor: the encoder–decoder built around the backbone, by class path with its ``init_args``:
+            ``ravlt_pl.models.segmentation.SemanticFPN`` (FPN 256 ch + FPNHead 128 ch) or
+            ``ravlt_pl.models.segmentation.UperNet`` (UPerHead 512 ch + auxiliary FCN head on stage 3,
+            256 ch, loss weight 0.4); the defaults of each are the published widths.
         inference: ``whole`` image (published) or ``slide`` windows of ``crop_size`` every ``stride``.
         crop_size: sliding-window size (h, w).
         stride: sliding-window stride (h, w).
         test_scales: image ratios averaged at validate/test/predict; ``[0.5, 0.75, 1.0, 1.25, 1.5,
             1.75]`` with ``test_flip`` is the published multi-scale + flip setting.
         test_flip: also average horizontally flipped views.
-        class_names: names for the report (default: the data module's ``class_names``).
+        class_names: names for the report (default: the data module's ``info.class_names``).
         report_images: how many validation images the report's image / ground truth / prediction grid shows.
         predict_dir: where ``predict`` writes palette PNG masks (default: ``<report dir>/masks``).
         optimizer, scheduler, ema_decay, pretrained, report_dir, weight_decay_exempt: see :class:`BaseTask`
@@ -88,11 +85,7 @@ class SegmentationTask(BaseTask):
         backbone_overrides: dict | None = None,
         drop_path_rate: float | None = None,
         norm_eval: bool = True,
-        decoder: Literal["fpn", "upernet"] = "fpn",
-        head_channels: int | None = None,
-        fpn_channels: int = 256,
-        aux_channels: int = 256,
-        aux_loss_weight: float = 0.4,
+        segmentor: SegmentorBuilder = SemanticFPN,
         inference: Literal["whole", "slide"] = "whole",
         crop_size: tuple[int, int] = (512, 512),
         stride: tuple[int, int] = (341, 341),
@@ -111,14 +104,11 @@ class SegmentationTask(BaseTask):
         super().__init__(optimizer, scheduler, ema_decay, pretrained, report_dir, weight_decay_exempt)
         self.save_hyperparameters()
         self.num_classes = num_classes
-        self.decoder = decoder
-        self.model = build_segmentor(
-            decoder, num_classes, variant, backbone_overrides, drop_path_rate,
-            head_channels, fpn_channels, aux_channels, norm_eval,
-        )  # fmt: skip
+        rate = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
+        backbone = build_backbone(variant, backbone_overrides, out_indices=(0, 1, 2, 3), norm_eval=norm_eval, **rate)
+        self.model = segmentor(backbone, num_classes)
         self.metric = SegmentationScores(num_classes)
-        self._grid: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self.init_ema()
+        self._grid: list[GridRow] = []
 
     #: The input of the published FLOPs, 512×2048 for both heads: at it the measured Semantic FPN
     #: T/S/B/L 137/182/300/432 G match the published 136/180/292/424 G (at 512×512 they are a quarter:
@@ -142,9 +132,7 @@ class SegmentationTask(BaseTask):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         labels = batch["label"].long()
         out = self.model.forward_train(batch["image"])
-        losses = {"decode": self.pixel_loss(out["decode"], labels)}
-        if "aux" in out:
-            losses["aux"] = self.hparams.aux_loss_weight * self.pixel_loss(out["aux"], labels)
+        losses = {k: self.model.loss_weights[k] * self.pixel_loss(logits, labels) for k, logits in out.items()}
         loss = sum(losses.values())
         size = labels.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
@@ -180,7 +168,7 @@ class SegmentationTask(BaseTask):
             self.metric.update(pred[None], label[None])
             if len(self._grid) < self.hparams.report_images and self.trainer.is_global_zero:
                 h, w = batch["size"][i]
-                self._grid.append((_denormalize(batch["image"][i, :, :h, :w]), label.cpu().numpy(), pred.cpu().numpy()))
+                self._grid.append((denormalize(batch["image"][i, :, :h, :w]), label.cpu().numpy(), pred.cpu().numpy()))
 
     test_step = validation_step
 
@@ -195,83 +183,26 @@ class SegmentationTask(BaseTask):
         self.metric.reset()
         self.log_dict({f"{stage}/{k}": scores[k].float() for k in ("mIoU", "mAcc", "aAcc")}, sync_dist=True)
         if self.writes_reports:
-            self.write_segmentation_report(stage, scores)
+            h = self.hparams
+            setup = {
+                "segmentor": type(self.model).__name__, "variant": h.variant,
+                "inference": {"mode": h.inference, "scales": list(h.test_scales), "flip": h.test_flip},
+            }  # fmt: skip
+            weights = weights_source(self.trainer, ema=self.ema is not None)
+            paths = write_segmentation_report(self.report_dir(), stage, scores, self.class_names(), setup, weights, self._grid)
+            print(f"report: mIoU {float(scores['mIoU']):.4f} ({weights}); written to {', '.join(map(str, paths.values()))}")
 
     # -- reports and masks --------------------------------------------------------------------------
     def class_names(self) -> list[str]:
         if self.hparams.class_names:
             return list(self.hparams.class_names)
-        names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
-        return list(names) if names else [f"class {i}" for i in range(self.num_classes)]
-
-    def write_segmentation_report(self, stage: str, scores: dict[str, torch.Tensor]) -> dict[str, Path]:
-        names, h = self.class_names(), self.hparams
-        iou, acc = scores["IoU"].tolist(), scores["Acc"].tolist()
-        overall = {k: float(scores[k]) for k in ("mIoU", "mAcc", "aAcc")}
-        per_class = [{"class": n, "IoU": _finite(i), "Acc": _finite(a)} for n, i, a in zip(names, iou, acc)]
-        data = {
-            "headline": {"name": "mIoU", "value": _finite(overall["mIoU"])},
-            "task": "semantic_segmentation", "stage": stage, "decoder": self.decoder, "variant": h.variant,
-            "inference": {"mode": h.inference, "scales": list(h.test_scales), "flip": h.test_flip},
-            **{k: _finite(v) for k, v in overall.items()}, "per_class": per_class,
-        }  # fmt: skip
-        tta = f"{h.inference}, scales {list(h.test_scales)}{', flip' if h.test_flip else ''}"
-        markdown = (
-            f"# Semantic segmentation ({stage})\n\nRAVLT {h.variant} + {self.decoder}, inference: {tta}.\n\n"
-            + markdown_table(["mIoU", "mAcc", "aAcc"], [[_pct(overall[k]) for k in ("mIoU", "mAcc", "aAcc")]])
-            + "\nPer class (%). '-': IoU of a class absent from ground truth and prediction, Acc of a class absent "
-            "from the ground truth; both are left out of the means (mmseg's definition).\n\n"
-            + markdown_table(["class", "IoU", "Acc"], [[n, _pct(i), _pct(a)] for n, i, a in zip(names, iou, acc)])
-        )
-        figures = {"grid": self._grid_figure(names)} if self._grid else {}
-        paths = write_report(self.report_dir(), f"segmentation_{stage}", data, markdown, figures)
-        print(f"report: mIoU {overall['mIoU']:.4f}; written to {', '.join(map(str, paths.values()))}")
-        return paths
-
-    def _grid_figure(self, names: list[str]) -> plt.Figure:
-        colours = palette() / 255.0
-        cmap = ListedColormap(colours)
-        fig, axes = plt.subplots(len(self._grid), 3, figsize=(9, 2.6 * len(self._grid)), squeeze=False)
-        for row, (image, label, pred) in zip(axes, self._grid):
-            for ax, content, title in zip(row, (image, label, pred), ("image", "ground truth", "prediction")):
-                if content.ndim == 3:
-                    ax.imshow(content)
-                else:
-                    ax.imshow(content, cmap=cmap, vmin=0, vmax=255, interpolation="nearest")
-                ax.set_title(title, fontsize=9)
-                ax.axis("off")
-        values = np.unique(np.concatenate([a.ravel() for _, label, pred in self._grid for a in (label, pred)]))
-        shown = [int(v) for v in values if v < len(names)][:20] + ([IGNORE_INDEX] if IGNORE_INDEX in values else [])
-        handles = [plt.Rectangle((0, 0), 1, 1, color=colours[v]) for v in shown]
-        labels = [names[v] if v < len(names) else "ignored" for v in shown]
-        fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=7, frameon=False)
-        fig.tight_layout(rect=(0, 0.06, 1, 1))
-        return fig
+        info = getattr(getattr(self.trainer, "datamodule", None), "info", None)
+        return list(info.class_names) if info else [f"class {i}" for i in range(self.num_classes)]
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
         """Write one palette PNG per image (pixel value = class index) at the image's original size."""
         out_dir = Path(self.hparams.predict_dir) if self.hparams.predict_dir else self.report_dir() / "masks"
         probs = self.predict_probs(batch["image"], batch["size"], batch["orig_size"])
-        colours = palette().ravel().tolist()
-        paths = []
-        for name, p in zip(batch["name"], probs):
-            mask = Image.fromarray(p.argmax(0).to(torch.uint8).cpu().numpy(), mode="P")
-            mask.putpalette(colours)
-            paths.append(str(atomic_write(out_dir / f"{name}.png", lambda tmp, m=mask: m.save(tmp, format="PNG"))))
-        return paths
+        masks = (out_dir / f"{Path(path).stem}.png" for path in batch["path"])
+        return [str(save_mask(mask, p.argmax(0))) for mask, p in zip(masks, probs)]
 
-
-def _denormalize(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) normalised → (H, W, 3) uint8 for display."""
-    mean = image.new_tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]
-    std = image.new_tensor(IMAGENET_DEFAULT_STD)[:, None, None]
-    return ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-def _finite(value: float) -> float | None:
-    """NaN (a class absent everywhere) → None, so the JSON stays valid."""
-    return None if math.isnan(value) else value
-
-
-def _pct(value: float) -> str:
-    return "-" if math.isnan(value) else f"{100 * value:.2f}"

@@ -3,22 +3,35 @@
 from __future__ import annotations
 
 import json
+import re
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
+from torch import nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from ravlt_pl.cli import main
+from ravlt_pl.cli import build_cli, main
 from ravlt_pl.data.synthetic import make_segmentation
 from ravlt_pl.models import RAVLT, variant_kwargs
+from ravlt_pl.models.segmentation import EncoderDecoder, FCNHead, SemanticFPN, UperNet
+from ravlt_pl.tasks.base import WarmupSchedule, param_groups
 from ravlt_pl.tasks.segmentation import SegmentationScores, SegmentationTask, scores_from_confusion
 from tests.conftest import TINY
 
-CONFIGS = sorted(str(p) for p in Path("configs/seg").glob("*.yaml")) + ["configs/demo/seg.yaml"]
+RECIPES = sorted(str(p) for p in Path("configs/seg").glob("*.yaml"))
+CONFIGS = RECIPES + ["configs/demo/seg.yaml"]
 NAN = float("nan")
+#: test widths of each segmentor's heads (its own init_args)
+NARROW = {"SemanticFPN": {"fpn_channels": 32, "head_channels": 32}, "UperNet": {"head_channels": 32, "aux_channels": 16}}
+
+
+def segmentor_class(config: str) -> str:
+    return yaml.safe_load(Path(config).read_text())["model"]["init_args"]["segmentor"]["class_path"]
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +39,11 @@ def ade_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_segmentation(tmp_path_factory.mktemp("ade") / "synth", num_train=4, num_val=3, image_size=(64, 48))
 
 
-def cli_args(config: str, root: Path, out: Path, *extra: str) -> list[str]:
+def cli_args(config: str, root: Path, out: Path, *extra: str, narrow_heads: bool = True) -> list[str]:
     """The config with a tiny backbone, narrow heads and the tiny synthetic set, on one CPU."""
-    return ["--config", config, "--model.init_args.backbone_overrides", json.dumps(TINY),
-            "--model.init_args.head_channels", "32", "--model.init_args.fpn_channels", "32",
-            "--model.init_args.aux_channels", "16",
+    narrow = NARROW[segmentor_class(config).rsplit(".", 1)[-1]] if narrow_heads else {}
+    heads = [arg for key, width in narrow.items() for arg in (f"--model.init_args.segmentor.init_args.{key}", str(width))]
+    return ["--config", config, "--model.init_args.backbone_overrides", json.dumps(TINY), *heads,
             "--data.init_args.root", str(root), "--data.init_args.num_classes", "5",
             "--data.init_args.reduce_zero_label", "true", "--data.init_args.class_names", "null",
             "--data.init_args.scale", "[64, 48]", "--data.init_args.crop_size", "[32, 32]",
@@ -97,7 +110,7 @@ def test_all_empty_confusion_gives_nan_not_an_error() -> None:
 
 # -- loss ---------------------------------------------------------------------------------------------
 def test_loss_averages_labelled_pixels_and_is_zero_without_any() -> None:
-    task = SegmentationTask(num_classes=3, backbone_overrides=TINY, head_channels=16, fpn_channels=16)
+    task = SegmentationTask(num_classes=3, backbone_overrides=TINY, segmentor=partial(SemanticFPN, fpn_channels=16))
     logits = torch.zeros(1, 3, 2, 2)
     labels = torch.full((1, 8, 8), 255)
     assert task.pixel_loss(logits, labels).item() == 0.0
@@ -117,8 +130,8 @@ def test_pretrained_classification_weights_reach_the_backbone(tmp_path: Path) ->
 
 
 def test_summary_size_is_the_published_flops_input() -> None:
-    for decoder in ("fpn", "upernet"):
-        task = SegmentationTask(num_classes=3, backbone_overrides=TINY, decoder=decoder, head_channels=16).eval()
+    for segmentor in (SemanticFPN, UperNet):
+        task = SegmentationTask(num_classes=3, backbone_overrides=TINY, segmentor=partial(segmentor, head_channels=16)).eval()
         assert task.summary_input_size == (512, 2048)
         assert task.flops_forward(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
 
@@ -139,9 +152,14 @@ def test_validate_report_and_predict_masks(ade_root: Path, tmp_path: Path) -> No
     main(["validate", *cli_args(config, ade_root, tmp_path, *tta)])
     data = json.loads((tmp_path / "report/segmentation_val.json").read_text())
     assert data["inference"] == {"mode": "slide", "scales": [0.75, 1.0], "flip": True}
+    assert data["segmentor"] == "UperNet" and data["weights"].startswith("no checkpoint")
     assert len(data["per_class"]) == 5 and {"mIoU", "mAcc", "aAcc"} <= data.keys()
+    fractions = [data[k] for k in ("mIoU", "mAcc", "aAcc")] + [r[k] for r in data["per_class"] for k in ("IoU", "Acc")]
+    assert all(v is None or (0 <= v <= 1 and v == round(v, 4)) for v in fractions)
     markdown = (tmp_path / "report/segmentation_val.md").read_text()
-    assert "| class | IoU | Acc |" in markdown and "class 4" in markdown
+    assert "| class | IoU | Acc |" in markdown and "class 4" in markdown and "Weights: no checkpoint" in markdown
+    cells = re.findall(r"\| ([\d.-]+) (?=\|)", markdown)
+    assert len(cells) == 3 + 2 * 5 and all(c == "-" or re.fullmatch(r"[01]\.\d{4}", c) for c in cells)
     assert Image.open(tmp_path / "report/segmentation_val_grid.png").size[0] > 100
 
     masks = tmp_path / "masks"
@@ -150,3 +168,92 @@ def test_validate_report_and_predict_masks(ade_root: Path, tmp_path: Path) -> No
     assert [p.name for p in written] == ["ADE_val_00000001.png", "ADE_val_00000002.png", "ADE_val_00000003.png"]
     mask = Image.open(written[0])
     assert mask.mode == "P" and mask.size == (64, 48) and np.array(mask).max() < 5
+
+
+def test_reports_name_the_weights_they_measured(ade_root: Path, tmp_path: Path) -> None:
+    config = "configs/demo/seg.yaml"
+    main(["fit", *cli_args(config, ade_root, tmp_path / "fit", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2")])
+    fit_report = json.loads(next((tmp_path / "fit").rglob("reports/fit/segmentation_val.json")).read_text())
+    assert fit_report["weights"].startswith("the fit's weights at step 2 ")
+    checkpoint = next((tmp_path / "fit").rglob("*.ckpt"))
+    report_dir = tmp_path / "validate"
+    main(["validate", *cli_args(config, ade_root, tmp_path, "--model.init_args.report_dir", str(report_dir)),
+          "--ckpt_path", str(checkpoint)])  # fmt: skip
+    assert json.loads((report_dir / "segmentation_val.json").read_text())["weights"] == f"checkpoint {checkpoint}"
+    assert f"Weights: checkpoint {checkpoint}." in (report_dir / "segmentation_val.md").read_text()
+
+
+# -- the segmentor by class path, and the authors' optimisation recipes ---------------------------------
+class LastMapHead(FCNHead):
+    """An FCN head on the last backbone map."""
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return super().forward(features[-1])
+
+
+class PlainFCN(EncoderDecoder):
+    """A fourth segmentor, added as a user would: one class, named by the config's class path."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, channels: int = 16) -> None:
+        super().__init__(backbone, LastMapHead(backbone.out_channels[-1], num_classes, channels))
+
+
+def test_a_new_segmentor_is_one_class_named_by_class_path(ade_root: Path, tmp_path: Path) -> None:
+    segmentor = {"class_path": f"{__name__}.PlainFCN", "init_args": {"channels": 8}}
+    args = cli_args("configs/demo/seg.yaml", ade_root, tmp_path, "--trainer.fast_dev_run", "1", narrow_heads=False)
+    cli = main(["fit", *args, "--model.init_args.segmentor", json.dumps(segmentor)])
+    assert type(cli.model.model) is PlainFCN and cli.model.model.decode_head.convs[0][0].out_channels == 8
+    assert json.loads((tmp_path / "reports/fit/segmentation_val.json").read_text())["segmentor"] == "PlainFCN"
+
+
+def recipe_task(config: str) -> SegmentationTask:
+    """The recipe's task with a tiny backbone (its heads at their published widths)."""
+    args = ["--config", config, "--model.init_args.backbone_overrides", json.dumps(TINY), "--trainer.logger", "false",
+            "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1"]  # fmt: skip
+    return build_cli(args, run=False).model
+
+
+@pytest.mark.parametrize("config", RECIPES, ids=lambda c: Path(c).stem)
+def test_recipe_builds_its_segmentor_and_weight_decay_as_the_authors(config: str) -> None:
+    """mmseg configs: Semantic FPN decays every parameter (no paramwise_cfg); UperNet exempts the
+    names holding "norm" (custom_keys decay_mult 0) and decays biases, gammas and the heads' BatchNorms."""
+    task = recipe_task(config)
+    model, fpn = task.model, "fpn_" in config
+    assert type(model) is (SemanticFPN if fpn else UperNet)
+    assert model.decode_head.classifier[1].in_channels == (128 if fpn else 512)
+    groups = param_groups(model, task.weight_decay_exempt)
+    exempt = {id(p) for g in groups if g.get("weight_decay") == 0.0 for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in exempt}
+    if fpn:
+        assert not names
+    else:
+        assert names == {n for n, _ in model.named_parameters() if "norm" in n}
+        assert "backbone.layers.0.blocks.0.norm1.norm.weight" in names and "backbone.layers.0.downsample.norm.bias" in names
+        decayed = set(dict(model.named_parameters())) - names
+        assert {"backbone.layers.0.blocks.0.gamma_1", "decode_head.bottleneck.1.weight", "backbone.layers.0.blocks.0.attn.proj.bias"} <= decayed
+
+
+def mmseg_poly_lr(step: int, total: int, lr: float, min_lr: float, power: float, warmup: int, warmup_ratio: float) -> float:
+    """mmcv's ``PolyLrUpdaterHook`` with its linear warmup, as the authors' configs set it."""
+    regular = (lr - min_lr) * (1 - step / total) ** power + min_lr
+    return regular * (1 - (1 - step / warmup) * (1 - warmup_ratio)) if step < warmup else regular
+
+
+# The authors' lr_config: schedule_80k (Semantic FPN) and RALA_Uper_*_2x (UperNet).
+AUTHORS_SCHEDULE = {"fpn": dict(total=80000, lr=1e-4, min_lr=1e-6, power=0.9, warmup=0, warmup_ratio=1.0),
+                    "upernet": dict(total=160000, lr=6e-5, min_lr=0.0, power=1.0, warmup=1500, warmup_ratio=1e-6)}  # fmt: skip
+
+
+@pytest.mark.parametrize("config", [c for c in RECIPES if "_s_" in c], ids=lambda c: Path(c).stem)
+def test_recipe_schedule_is_the_authors_mmseg_poly(config: str) -> None:
+    recipe = AUTHORS_SCHEDULE[Path(config).stem.split("_")[0]]
+    task = recipe_task(config)
+    optimizer = task.optimizer([nn.Parameter(torch.zeros(1))])
+    assert optimizer.defaults["lr"] == recipe["lr"]
+    total = yaml.safe_load(Path(config).read_text())["trainer"]["max_steps"]
+    assert total == recipe["total"]
+    schedule = task.scheduler(optimizer, total_steps=total, steps_per_epoch=total)
+    assert isinstance(schedule, WarmupSchedule)
+    for step in (0, 1, 750, 1499, 1500, 40000, total - 1, total):
+        expected = mmseg_poly_lr(step, **recipe)
+        assert schedule.factor(step) * recipe["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-15), step

@@ -1,10 +1,11 @@
-"""Semantic segmentation on RAVLT: Semantic FPN and UperNet heads and the encoder–decoder wrapper."""
+"""Semantic segmentation on RAVLT: the encoder–decoder wrapper, Semantic FPN and UperNet."""
 
-from .heads import FCNHead, FPNHead, FPNNeck, PixelClassifier
-from .segmentor import EncoderDecoder, build_segmentor, resize
-from .upernet import PyramidPoolingModule, UPerHead
+from .heads import FCNHead, PixelClassifier
+from .segmentor import EncoderDecoder, resize
+from .semantic_fpn import FPNHead, FPNNeck, SemanticFPN
+from .upernet import PyramidPoolingModule, UPerHead, UperNet
 
 __all__ = [
-    "EncoderDecoder", "build_segmentor", "resize", "FPNNeck", "FPNHead", "FCNHead", "PixelClassifier",
+    "EncoderDecoder", "resize", "SemanticFPN", "UperNet", "FPNNeck", "FPNHead", "FCNHead", "PixelClassifier",
     "UPerHead", "PyramidPoolingModule",
 ]  # fmt: skip

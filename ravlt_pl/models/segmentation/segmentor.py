@@ -1,5 +1,10 @@
 """The encoder–decoder segmentor: backbone (+ neck) + decode head (+ auxiliary head), and its inference.
 
+Each published segmentor is a subclass that assembles its parts in ``__init__(backbone,
+num_classes, ...)`` (torchvision's style): :class:`~.semantic_fpn.SemanticFPN`,
+:class:`~.upernet.UperNet`. The task builds the backbone and calls the class a config names by
+``class_path``, so another decoder is one new file with one such subclass.
+
 Inference follows mmsegmentation's ``EncoderDecoder``: ``whole`` runs the image at once (the
 published setting), ``slide`` averages overlapping crops; ``predict`` adds multi-scale + flip
 test-time augmentation by averaging softmax probabilities resized to the output size.
@@ -13,12 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..variants import build_backbone
-from .heads import FCNHead, FPNHead, FPNNeck
-from .upernet import UPerHead
-
 InferenceMode = Literal["whole", "slide"]
-Decoder = Literal["fpn", "upernet"]
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -36,6 +36,7 @@ class EncoderDecoder(nn.Module):
         neck: optional map-list → map-list module (Semantic FPN's FPN).
         auxiliary_head: optional head on one backbone map, used only for the training loss.
         auxiliary_index: which backbone map the auxiliary head reads (2 = stage 3).
+        auxiliary_weight: the auxiliary head's weight in the training loss (mmseg's ``loss_weight``).
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class EncoderDecoder(nn.Module):
         neck: nn.Module | None = None,
         auxiliary_head: nn.Module | None = None,
         auxiliary_index: int = 2,
+        auxiliary_weight: float = 0.4,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -52,6 +54,8 @@ class EncoderDecoder(nn.Module):
         self.decode_head = decode_head
         self.auxiliary_head = auxiliary_head
         self.auxiliary_index = auxiliary_index
+        #: weight of each ``forward_train`` output's loss
+        self.loss_weights = {"decode": 1.0, "aux": auxiliary_weight}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) → logits (B, K, ~H/4, ~W/4)."""
@@ -132,34 +136,3 @@ class EncoderDecoder(nn.Module):
                 probs = p if probs is None else probs + p
         return probs / (len(scales) * (2 if flip else 1))
 
-
-def build_segmentor(
-    decoder: Decoder,
-    num_classes: int,
-    variant: str = "ravlt_s",
-    backbone_overrides: dict | None = None,
-    drop_path_rate: float | None = None,
-    head_channels: int | None = None,
-    fpn_channels: int = 256,
-    aux_channels: int = 256,
-    norm_eval: bool = True,
-) -> EncoderDecoder:
-    """RAVLT + Semantic FPN or + UperNet; the defaults are the published widths.
-
-    ``fpn``: FPN of ``fpn_channels`` (256) + ``FPNHead`` of ``head_channels`` (128).
-    ``upernet``: ``UPerHead`` of ``head_channels`` (512), pool scales (1, 2, 3, 6), and the
-    auxiliary ``FCNHead`` of ``aux_channels`` (256) on stage 3. ``norm_eval`` freezes the
-    backbone's BatchNorm statistics (the published setting for an ImageNet-initialised backbone).
-    """
-    kwargs = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
-    backbone = build_backbone(variant, backbone_overrides, out_indices=(0, 1, 2, 3), norm_eval=norm_eval, **kwargs)
-    channels = backbone.out_channels
-    if decoder == "fpn":
-        neck = FPNNeck(channels, fpn_channels)
-        head = FPNHead(neck.out_channels, num_classes, channels=head_channels or 128)
-        return EncoderDecoder(backbone, head, neck=neck)
-    if decoder == "upernet":
-        head = UPerHead(channels, num_classes, channels=head_channels or 512, pool_scales=(1, 2, 3, 6))
-        auxiliary = FCNHead(channels[2], num_classes, channels=aux_channels)
-        return EncoderDecoder(backbone, head, auxiliary_head=auxiliary, auxiliary_index=2)
-    raise ValueError(f"decoder must be 'fpn' or 'upernet', got {decoder!r}")

@@ -1,4 +1,4 @@
-"""UperNet's decode head (Xiao et al. 2018) exactly as mmsegmentation's ``UPerHead``.
+"""UperNet (Xiao et al. 2018): mmsegmentation's ``UPerHead`` exactly, and the segmentor with its auxiliary head.
 
 Written here because no installed library has it whole: torchvision has no UperNet, and
 segmentation_models_pytorch's lacks the pyramid-pooling bottleneck on the last stage and the
@@ -12,15 +12,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
-from .heads import NormLayer, PixelClassifier
-
-
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+from .heads import FCNHead, NormLayer, PixelClassifier
+from .segmentor import EncoderDecoder, resize
 
 
 class PyramidPoolingModule(nn.ModuleList):
@@ -33,7 +29,7 @@ class PyramidPoolingModule(nn.ModuleList):
         )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [_resize(stage(x), x.shape[-2:]) for stage in self]  # each (B, channels, H, W)
+        return [resize(stage(x), x.shape[-2:]) for stage in self]  # each (B, channels, H, W)
 
 
 class UPerHead(nn.Module):
@@ -77,8 +73,43 @@ class UPerHead(nn.Module):
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, features)]
         laterals.append(self.psp_forward(features[-1]))  # each (B, channels, H_i, W_i)
         for i in range(len(laterals) - 1, 0, -1):  # top-down
-            laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], laterals[i - 1].shape[-2:])
+            laterals[i - 1] = laterals[i - 1] + resize(laterals[i], laterals[i - 1].shape[-2:])
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals[:-1])] + [laterals[-1]]
         size = outs[0].shape[-2:]
-        fused = torch.cat([outs[0]] + [_resize(x, size) for x in outs[1:]], dim=1)  # (B, L·channels, H/4, W/4)
+        fused = torch.cat([outs[0]] + [resize(x, size) for x in outs[1:]], dim=1)  # (B, L·channels, H/4, W/4)
         return self.classifier(self.fpn_bottleneck(fused))
+
+
+class UperNet(EncoderDecoder):
+    """Backbone + ``UPerHead`` + an auxiliary ``FCNHead`` for training; the defaults are the published ones.
+
+    Args:
+        backbone: returns maps at strides 4/8/16/32 and lists their widths in ``out_channels``.
+        num_classes: classes both heads predict.
+        head_channels: width of ``UPerHead`` (published 512).
+        pool_scales: pyramid pooling grid sizes on the last map.
+        aux_channels: width of the auxiliary ``FCNHead`` (published 256).
+        aux_index: the backbone map the auxiliary head reads (2 = stage 3, stride 16).
+        aux_loss_weight: the auxiliary loss's weight (published 0.4).
+        dropout: ``Dropout2d`` rate before both pixel classifiers.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        head_channels: int = 512,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        aux_channels: int = 256,
+        aux_index: int = 2,
+        aux_loss_weight: float = 0.4,
+        dropout: float = 0.1,
+    ) -> None:
+        channels = backbone.out_channels
+        super().__init__(
+            backbone,
+            UPerHead(channels, num_classes, head_channels, pool_scales, dropout),
+            auxiliary_head=FCNHead(channels[aux_index], num_classes, aux_channels, dropout=dropout),
+            auxiliary_index=aux_index,
+            auxiliary_weight=aux_loss_weight,
+        )
