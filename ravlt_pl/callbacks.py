@@ -1,6 +1,6 @@
 """Fault tolerance for long and multi-node runs: atomic checkpoints, Slurm requeue at a step
-boundary, a checkpoint on SIGTERM, a clear refusal of another config's checkpoint, and a per-rank
-record of who ran where.
+boundary, a checkpoint on SIGTERM and before a data error stops training, a clear refusal of
+another config's checkpoint, and a per-rank record of who ran where.
 
 The CLI plugs :class:`AtomicCheckpointIO` and :class:`FaultTolerance` into every ``fit``; the
 task's ``on_load_checkpoint`` calls :func:`check_checkpoint_compatible`. :class:`RunInfo` is
@@ -13,19 +13,23 @@ import json
 import os
 import signal
 import socket
-import tempfile
+import sys
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from .data.errors import DatasetError
 from .models.checkpoint import CheckpointError
+from .reports import atomic_write, write_json
 
 
 # -- atomic checkpoint files ----------------------------------------------------------------------
@@ -34,8 +38,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     A kill at any moment leaves either the previous complete file or the new complete file, never
     a truncated ``last.ckpt``. (Lightning's own save stages the bytes in the system temp dir and
-    *copies* them over when that is another filesystem, which is not atomic.) Remote paths
-    (``s3://`` ...) go through Lightning's writer unchanged.
+    *copies* them over when that is another filesystem, which is not atomic.) A failed write (disk
+    full, quota, I/O error) raises :class:`CheckpointError` naming the file and the OS error, with
+    the previous file untouched. Remote paths (``s3://`` ...) go through Lightning's writer unchanged.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
@@ -44,21 +49,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(str(path).removeprefix("file://"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Hidden and not ending in .ckpt: no checkpoint search (last*, hpc_ckpt_*) ever picks it up.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            atomic_write(path, lambda tmp: _save_synced(checkpoint, tmp))
+        except (OSError, RuntimeError) as err:
+            cause = _os_error(err)
+            if cause is None:
+                raise
+            # The temp file is gone; the error's own file name would be that temp file.
+            reason = f"[Errno {cause.errno}] {cause.strerror}" if cause.errno else str(cause)
+            raise CheckpointError(f"cannot write checkpoint {path}: {reason} (the previous {path.name}, if any, is unchanged)") from None
         _fsync_dir(path.parent)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed
             stale.unlink(missing_ok=True)
+
+
+def _save_synced(checkpoint: dict[str, Any], path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The OSError behind ``err``: when a write fails inside ``torch.save``, closing its zip
+    archive raises a RuntimeError ("unexpected pos ...") over the real cause (disk full)."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -151,27 +168,38 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-# -- Slurm requeue and SIGTERM at a step boundary -------------------------------------------------
+# -- signals and data errors at a step boundary ---------------------------------------------------
 class FaultTolerance(Callback):
-    """Makes Slurm's time-limit signal and preemption lose nothing and repeat nothing.
+    """Makes Slurm's time-limit signal, preemption and a bad image mid-epoch lose nothing and
+    repeat nothing.
 
-    Lightning acts on these signals inside the signal handler, i.e. at whatever instruction they
+    Lightning acts on signals inside the signal handler, i.e. at whatever instruction they
     interrupt: under Slurm auto-requeue it saves ``hpc_ckpt_N.ckpt`` and runs ``scontrol requeue``
     there (possibly between ``optimizer.step`` and the step counter), and on SIGTERM it broadcasts
-    a flag from the handler (a collective the other ranks are not in). During training this
-    callback takes both signals over and only notes them; at the next training-step boundary
-    (after the EMA update, at the start of an accumulation window), agreed by all ranks through
-    one small all-reduce per step, it
+    a flag from the handler (a collective the other ranks are not in). During ``fit`` this callback
+    takes the signals over and only notes them; at the next training-step boundary (after the EMA
+    update, at the start of an accumulation window), agreed by all ranks through one small
+    all-reduce per step, it
 
-    - requeue signal (SIGUSR1, ``--signal=SIGUSR1@90``, ``scancel --signal=USR1``): runs
-      Lightning's own handler, so the checkpoint holds exactly N completed steps and the requeued
-      job resumes at step N;
-    - SIGTERM (preemption, ``scancel``): writes ``last.ckpt`` beside the other checkpoints and stops;
-      ``fit --ckpt_path last`` resumes there. (After a requeue it just stops: the job resumes from
-      the hpc checkpoint.)
+    - requeue signal under Slurm auto-requeue (SIGUSR1: ``--signal=SIGUSR1@90``,
+      ``scancel --signal=USR1``): Lightning's requeue, so ``hpc_ckpt_N.ckpt`` holds exactly N
+      completed steps and the requeued job resumes at step N; the older ``hpc_ckpt_*.ckpt`` are
+      deleted (Lightning resumes from the highest number only), so one is kept however often the
+      job is requeued;
+    - SIGUSR1 outside Slurm (or without auto-requeue), SIGTERM (preemption, ``scancel``): writes
+      ``last.ckpt`` beside the other checkpoints and stops, saying so; ``fit --ckpt_path last``
+      resumes there. (SIGTERM after a requeue just stops: the job resumes from the hpc checkpoint.)
 
-    Signals that arrive during validation take effect at the next training step. Lightning's
-    handlers are put back when training ends.
+    Signals that arrive before training or during validation take effect at the next training
+    step. Once training has finished, SIGUSR1 is reported and ignored for the rest of the process:
+    the default action would kill it (exit code 138) and turn a finished Slurm job into a FAILED
+    one. SIGUSR1 is taken over only where it has no handler (the default action); SIGTERM goes back
+    to Lightning when training ends.
+
+    A :class:`~ravlt_pl.data.errors.DatasetError` during training (an image that cannot be read
+    mid-epoch) first writes ``last.ckpt`` at the current step, then propagates: fix the data and
+    ``--ckpt_path last`` resumes without repeating the epoch's steps. (Inside an accumulation
+    window, the micro-batches of that window already summed are not in the checkpoint.)
 
     Args:
         save_on_sigterm: take SIGTERM over as described (else Lightning's handling stays).
@@ -179,74 +207,127 @@ class FaultTolerance(Callback):
 
     def __init__(self, save_on_sigterm: bool = True) -> None:
         self.save_on_sigterm = save_on_sigterm
-        self._previous: dict[int, Any] = {}  # signal → the handler it had (Lightning's)
-        self._requeue_signal: int | None = None
-        self._pending = {"requeue": False, "terminate": False}
+        self._usr_signal: int | None = None  # SIGUSR1 (Slurm's requeue signal) while this callback handles it
+        self._requeues = False  # under Slurm auto-requeue, the usr signal requeues; elsewhere it stops
+        self._sigterm_handler: Any = None  # Lightning's, put back when training ends
+        self._watching = False
+        self._finished = False
+        self._pending = {"requeue": False, "stop": False}
+        self._stopped_by = "a signal"
         self._requeued = False
         self._launcher = None
 
-    def _note(self, signum, frame) -> None:
-        kind = "requeue" if signum == self._requeue_signal else "terminate"
-        self._pending[kind] = True
-        if kind == "terminate" and self._launcher is not None:  # processes we started (local DDP) get it too
-            self._launcher.kill(signum)
-            self._launcher = None
-        os.write(2, f"[pid {os.getpid()}] signal {signum}: {'checkpoint + requeue' if kind == 'requeue' else 'checkpoint + stop'} "
-                    "at the next step boundary\n".encode())  # fmt: skip
-
-    def _take_over(self, signum: int) -> None:
-        previous = signal.getsignal(signum)
-        if previous != self._note:
-            self._previous[signum] = previous
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+            return
+        self._finished = False
+        env = cluster_environment(trainer)
+        self._requeues = isinstance(env, SLURMEnvironment) and env.auto_requeue
+        signum = env.requeue_signal if self._requeues else signal.SIGUSR1
+        current = signal.getsignal(signum)
+        # Before Lightning registers its handlers (it leaves a signal that has one alone, and puts
+        # it back instead of the default action when fit ends). An earlier fit's handler is ours too.
+        if current in (signal.SIG_DFL, None) or isinstance(getattr(current, "__self__", None), FaultTolerance):
             signal.signal(signum, self._note)
+            self._usr_signal = signum
+
+    def _note(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self._finished:
+            action = "training has finished, nothing to do"
+        elif signum == self._usr_signal and self._requeues:
+            self._pending["requeue"] = True
+            action = "checkpoint + requeue at the next step boundary"
+        else:
+            self._pending["stop"], self._stopped_by = True, name
+            action = "checkpoint + stop at the next step boundary"
+            if signum == self._usr_signal:
+                action = f"not a Slurm job with auto-requeue: {action}"
+            if signum == signal.SIGTERM and self._launcher is not None:  # processes we started (local DDP) get it too
+                self._launcher.kill(signum)
+                self._launcher = None
+        os.write(2, f"[pid {os.getpid()}] {name}: {action}\n".encode())
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        env = getattr(trainer.strategy, "cluster_environment", None)
-        if env is None:  # single-device strategies keep it on the connector only
-            env = getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
-        if isinstance(env, SLURMEnvironment) and env.auto_requeue and callable(signal.getsignal(env.requeue_signal)):
-            self._requeue_signal = env.requeue_signal
-            self._take_over(self._requeue_signal)
-        if self.save_on_sigterm:
+        if self.save_on_sigterm and threading.current_thread() is threading.main_thread():
             launcher = trainer.strategy.launcher
             self._launcher = launcher if trainer.is_global_zero and hasattr(launcher, "kill") else None
-            self._take_over(signal.SIGTERM)
+            self._sigterm_handler = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, self._note)
+        # The same on every rank (same environment): all of them take part in the all-reduce or none.
+        self._watching = self._usr_signal is not None or self._sigterm_handler is not None
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
-        if not self._previous:
+        if not self._watching:
             return
-        flags = torch.tensor([float(self._pending["requeue"]), float(self._pending["terminate"])],
+        flags = torch.tensor([float(self._pending["requeue"]), float(self._pending["stop"])],
                              device=trainer.strategy.root_device)  # fmt: skip
         if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
             torch.distributed.all_reduce(flags)  # every rank learns what any rank received
-        requeue, terminate = (flags > 0).tolist()
+        requeue, stop = (flags > 0).tolist()
         requeue = self._pending["requeue"] = self._pending["requeue"] or requeue
-        terminate = self._pending["terminate"] = self._pending["terminate"] or terminate
+        stop = self._pending["stop"] = self._pending["stop"] or stop
         if batch_idx % trainer.accumulate_grad_batches:
             return  # a checkpoint inside an accumulation window would lose the gradients summed so far
         if requeue:
             self._pending["requeue"] = False
-            rank_zero_info(f"checkpoint for requeue at global step {trainer.global_step}")
-            self._previous[self._requeue_signal](self._requeue_signal, None)  # Lightning: hpc_ckpt_N + scontrol requeue
-            self._requeued = True
-        if terminate:
+            self._checkpoint_and_requeue(trainer)
+        if stop:
+            where = "the job resumes from its hpc checkpoint"
             if not self._requeued:
                 path = last_checkpoint_path(trainer)
                 trainer.save_checkpoint(path)
-                rank_zero_info(f"SIGTERM: wrote {path} at global step {trainer.global_step}")
-            raise SIGTERMException()
+                where = f"wrote {path}; rerun with --ckpt_path last to resume"
+            raise SIGTERMException(f"stopped by {self._stopped_by} at global step {trainer.global_step}: {where}")
 
-    def _restore_handlers(self) -> None:
-        for signum, handler in self._previous.items():
-            if signal.getsignal(signum) == self._note:
-                signal.signal(signum, handler)
-        self._previous = {}
+    def _checkpoint_and_requeue(self, trainer: Trainer) -> None:
+        rank_zero_info(f"checkpoint for requeue at global step {trainer.global_step}")
+        # Lightning's own requeue (hpc_ckpt_<highest + 1>.ckpt, `scontrol requeue` of the job or
+        # array task), whose handler setup() kept from being installed.
+        trainer._signal_connector._slurm_sigusr_handler_fn(self._usr_signal, None)
+        self._requeued = True
+        if trainer.is_global_zero:
+            numbered = [p for p in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt") if p.stem[9:].isdigit()]
+            for older in sorted(numbered, key=lambda p: int(p.stem[9:]))[:-1]:
+                older.unlink(missing_ok=True)
+
+    def _finish(self) -> None:
+        self._finished, self._watching = True, False
+        if self._pending["requeue"] and not self._requeued:
+            rank_zero_info("the requeue signal came after the last training step: training is complete, not requeued")
+        if self._sigterm_handler is not None and signal.getsignal(signal.SIGTERM) == self._note:
+            signal.signal(signal.SIGTERM, self._sigterm_handler)
+        self._sigterm_handler = None
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._restore_handlers()
+        self._finish()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._restore_handlers()
+        training = trainer.training and not self._finished
+        self._finish()
+        if isinstance(exception, DatasetError) and training:
+            self._checkpoint_before_failing(trainer)
+
+    def _checkpoint_before_failing(self, trainer: Trainer) -> None:
+        """``last.ckpt`` at the current step, written by this rank alone: a data error may stop one
+        rank while the others wait in the step's gradient all-reduce, where the barriers of
+        ``trainer.save_checkpoint`` would hang. Every DDP rank holds the same training state."""
+        if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
+            return  # sharded states need every rank to save
+        path = last_checkpoint_path(trainer)
+        try:
+            trainer.strategy.checkpoint_io.save_checkpoint(trainer._checkpoint_connector.dump_checkpoint(), path)
+        except Exception as err:  # the data error stays the one reported
+            print(f"could not save a checkpoint before stopping: {err}", file=sys.stderr, flush=True)
+            return
+        print(f"data error at global step {trainer.global_step}: wrote {path}; after fixing the data, "
+              "--ckpt_path last resumes there", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def cluster_environment(trainer: Trainer) -> ClusterEnvironment | None:
+    """Lightning's cluster environment of ``trainer`` (single-device strategies keep it on the connector only)."""
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    return env or getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
 
 
 def last_checkpoint_path(trainer: Trainer) -> Path:
@@ -269,16 +350,12 @@ class RunInfo(Callback):
         self.path: Path | None = None
 
     def _write(self, **values) -> None:
-        from .reports import write_json
-
         self.info.update(values)
         if self.path is not None:
             write_json(self.path, self.info)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        env = getattr(trainer.strategy, "cluster_environment", None) or getattr(
-            getattr(trainer, "_accelerator_connector", None), "cluster_environment", None
-        )
+        env = cluster_environment(trainer)
         restart = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
         stage = str(getattr(stage, "value", stage))
         job = f"job{os.environ['SLURM_JOB_ID']}-" if os.environ.get("SLURM_JOB_ID") else ""

@@ -1,0 +1,164 @@
+"""Fault tolerance outside Slurm: a checkpoint save on a full disk, an image that turns unreadable
+mid-epoch, SIGUSR1 during and after training. (Slurm itself: tests/test_slurm.py.)"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from ravlt_pl import callbacks
+from ravlt_pl.callbacks import AtomicCheckpointIO, find_last_checkpoint
+from ravlt_pl.cli import main
+from ravlt_pl.models.checkpoint import CheckpointError
+from tests.conftest import tiny_cli_args
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 10  # 20 training images, batch 2
+
+
+def fit_args(data: Path, out: Path, *extra: str, epochs: int = 1) -> list[str]:
+    return tiny_cli_args("demo/cls.yaml", data, out, "--trainer.fast_dev_run", "0", "--trainer.max_epochs", str(epochs),
+                         "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0", *extra)  # fmt: skip
+
+
+def global_step(path: Path) -> int:
+    return torch.load(path, weights_only=False)["global_step"]
+
+
+# -- disk full at save ---------------------------------------------------------------------------------
+class FileOnFullDisk(io.FileIO):
+    """A file on a disk with ``free`` bytes left: the write that needs more fails with ENOSPC after
+    writing what fits, as on a real full disk."""
+
+    def __init__(self, path, mode: str, free: int) -> None:
+        super().__init__(path, mode)
+        self.free = free
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        if len(data) > self.free:
+            super().write(data[: self.free])
+            self.free = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.free -= len(data)
+        return super().write(data)
+
+
+def fill_disk_after(monkeypatch, saves: int) -> None:
+    """The checkpoint writer's ``open``: the first ``saves`` files are written whole, later ones hit
+    a full disk after 4 KiB."""
+    opened = []
+
+    def open_on_filling_disk(path, mode="r"):
+        opened.append(path)
+        return FileOnFullDisk(path, mode.replace("b", ""), free=2**62 if len(opened) <= saves else 4096)
+
+    monkeypatch.setattr(callbacks, "open", open_on_filling_disk, raising=False)
+
+
+def test_checkpoint_save_on_a_full_disk_names_the_file_and_os_error_and_keeps_the_previous(tmp_path, monkeypatch):
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    fill_disk_after(monkeypatch, saves=1)
+    AtomicCheckpointIO().save_checkpoint({"step": 1, "w": torch.ones(4096)}, target)
+    before = target.read_bytes()
+    with pytest.raises(CheckpointError) as error:
+        AtomicCheckpointIO().save_checkpoint({"step": 2, "w": torch.zeros(4096)}, target)
+    assert str(error.value) == (f"cannot write checkpoint {target}: [Errno 28] No space left on device "
+                                "(the previous last.ckpt, if any, is unchanged)")  # fmt: skip
+    assert target.read_bytes() == before and torch.load(target)["step"] == 1
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # the half-written temp file is gone
+
+
+def test_fit_on_a_filling_disk_stops_with_one_line_and_the_last_checkpoint_intact(synthetic_cls, tmp_path, monkeypatch):
+    fill_disk_after(monkeypatch, saves=2)  # epoch 0's best and last checkpoints; epoch 1's do not fit
+    with pytest.raises(SystemExit) as stop:
+        main(fit_args(synthetic_cls, tmp_path, epochs=2))
+    message = str(stop.value.code)
+    failed = re.fullmatch(r"error: cannot write checkpoint (\S+\.ckpt): \[Errno 28\] No space left on device \(.*\)", message)
+    assert failed and "\n" not in message, message
+    assert not Path(failed[1]).exists() or global_step(Path(failed[1])) == STEPS_PER_EPOCH
+    assert global_step(find_last_checkpoint(tmp_path)) == STEPS_PER_EPOCH  # epoch 0's last.ckpt, whole
+    assert not list(tmp_path.rglob(".*.tmp"))
+
+
+# -- an image that becomes unreadable mid-epoch --------------------------------------------------------
+class CorruptTrainImagesAt(Callback):
+    """Test hook: at the end of global step ``step``, overwrite every training image with bytes no
+    decoder reads (a disk or copy gone bad while the run goes on)."""
+
+    def __init__(self, step: int, root: str) -> None:
+        self.step, self.root = step, Path(root)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            for image in (self.root / "train").rglob("*.JPEG"):
+                image.write_bytes(b"not an image")
+
+
+def test_unreadable_image_mid_epoch_checkpoints_the_steps_done_then_stops_and_resume_completes(synthetic_cls, tmp_path):
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(synthetic_cls, data)
+    with pytest.raises(SystemExit) as stop:
+        main(fit_args(data, out, "--trainer.callbacks+=tests.test_callbacks.CorruptTrainImagesAt",
+                      "--trainer.callbacks.step=3", f"--trainer.callbacks.root={data}"))  # fmt: skip
+    message = str(stop.value.code)
+    assert re.fullmatch(rf"error: {data}/train/\w+/\w+\.JPEG: cannot be read as an image \(.*\)", message), message
+    saved = find_last_checkpoint(out)
+    # Batches 0-2 trained; reading batch 4 (read ahead while batch 3 is handed out) failed: the
+    # checkpoint holds the 3 completed steps, and batch 3 is the first one a resume trains.
+    assert saved is not None and global_step(saved) == 3
+
+    shutil.rmtree(data)
+    shutil.copytree(synthetic_cls, data)  # the data fixed
+    cli = main(fit_args(data, out, "--ckpt_path", "last"))
+    assert Path(cli.trainer.ckpt_path) == saved
+    final = torch.load(find_last_checkpoint(out), weights_only=False)
+    # The epoch continued with batch 4: every step once (a restart of the epoch would end at step 14).
+    assert final["global_step"] == STEPS_PER_EPOCH and final["lr_schedulers"][0]["last_epoch"] == STEPS_PER_EPOCH
+    assert {float(s["step"]) for s in final["optimizer_states"][0]["state"].values()} == {float(STEPS_PER_EPOCH)}
+
+
+# -- SIGUSR1 outside Slurm -----------------------------------------------------------------------------
+class SignalAfterFit(Callback):
+    """Sends ``signum`` to this process once fit is over and Lightning has put its signal handlers
+    back, as a Slurm time-limit signal that lands just after the last step would."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        os.kill(os.getpid(), self.signum)
+
+
+def run_fit(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return subprocess.run([sys.executable, "-m", "ravlt_pl", *args], cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_sigusr1_outside_slurm_checkpoints_and_stops_saying_so_and_is_ignored_after_training(synthetic_cls, tmp_path):
+    usr1 = str(int(signal.SIGUSR1))
+    stopped = run_fit(*fit_args(synthetic_cls, tmp_path, "--trainer.callbacks+=tests.test_distributed.SignalAt",
+                                "--trainer.callbacks.step=3", f"--trainer.callbacks.signum={usr1}"))  # fmt: skip
+    assert stopped.returncode == 1, stopped.stderr[-3000:]  # not -10: killed by the signal, without a word
+    assert "SIGUSR1: not a Slurm job with auto-requeue: checkpoint + stop at the next step boundary" in stopped.stderr
+    saved = find_last_checkpoint(tmp_path)
+    assert saved is not None and global_step(saved) == 3
+
+    resumed = run_fit(*fit_args(synthetic_cls, tmp_path, "--ckpt_path", "last",
+                                "--trainer.callbacks+=tests.test_callbacks.SignalAfterFit",
+                                f"--trainer.callbacks.signum={usr1}"))  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "SIGUSR1: training has finished, nothing to do" in resumed.stderr
+    assert global_step(find_last_checkpoint(tmp_path)) == STEPS_PER_EPOCH
