@@ -34,9 +34,10 @@ LEGEND_CLASSES, LEGEND_COLUMNS = 24, 4
 
 
 def weights_source(trainer: Trainer, ema: bool) -> str:
-    """Which weights were measured: the checkpoint given to validate/test, or the fit's current step."""
+    """Which weights were measured: the checkpoint given to validate/test, or the fit's current step
+    (iteration-based fits write their report at every validation, each replacing the last)."""
     if trainer.state.fn == TrainerFn.FITTING:
-        source = f"the fit's weights at step {trainer.global_step} (epoch {trainer.current_epoch}), not a checkpoint"
+        source = f"the fit's weights at step {trainer.global_step} (epoch {trainer.current_epoch}; not the best checkpoint)"
     elif trainer.ckpt_path:
         source = f"checkpoint {trainer.ckpt_path}"
     else:
