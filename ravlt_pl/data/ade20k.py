@@ -13,7 +13,7 @@ stays at its original size, and the task scores the prediction resized back to i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import albumentations as A
 import cv2
@@ -23,14 +23,13 @@ from albumentations.augmentations.crops import functional as fcrops
 from albumentations.pytorch import ToTensorV2
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.nn import functional as F
-from torch.utils.data import DataLoader
 
-from .base import AugmentedDataset, BaseDataModule
+from .base import AugmentedDataset, BaseDataModule, DatasetInfo
 from .errors import DatasetError
+from .images import SIXTEEN_BIT_MODES, ImageOnly, PredictFolder, collate_padded, list_images, read_rgb
+from .transforms import KeepRatioResize
 
 IGNORE_INDEX = 255
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SPLIT_DIRS = {"train": "training", "val": "validation"}
 
 ADE20K_CLASSES: tuple[str, ...] = (
@@ -53,6 +52,13 @@ ADE20K_CLASSES: tuple[str, ...] = (
 )  # fmt: skip
 
 
+def default_class_names(num_classes: int) -> tuple[str, ...]:
+    """The ADE20K names for its 150 classes, else ``class 0``, ``class 1``, ..."""
+    if num_classes == len(ADE20K_CLASSES):
+        return ADE20K_CLASSES
+    return tuple(f"class {i}" for i in range(num_classes))
+
+
 def palette(n: int = 256) -> np.ndarray:
     """The PASCAL VOC colour map (n, 3) uint8: distinct colours by bit interleaving; 255 is a pale grey."""
     ids = np.arange(n)
@@ -63,28 +69,7 @@ def palette(n: int = 256) -> np.ndarray:
     return colours
 
 
-# -- transforms: albumentations, plus two parameter rules it lacks ----------------------------------
-class KeepRatioRescale(A.SmallestMaxSize):
-    """mmseg's ``Resize(img_scale=(2048, 512), ratio_range, keep_ratio=True)``.
-
-    A ratio r drawn from ``ratio_range`` scales the image by ``r · min(long/max(h, w), short/min(h, w))``
-    (it fits inside long×short in either orientation). albumentations' max-size transforms
-    bound one side only; this reuses their resizing (bilinear image, nearest mask) with mmseg's rule.
-    """
-
-    def __init__(self, scale: Sequence[int] = (2048, 512), ratio_range: Sequence[float] = (1.0, 1.0)) -> None:
-        super().__init__(
-            max_size=min(scale), interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST, p=1.0
-        )
-        self.long_edge, self.short_edge = max(scale), min(scale)
-        self.ratio_range = tuple(ratio_range)
-
-    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-        height, width = params["shape"][:2]
-        ratio = self.py_random.uniform(*self.ratio_range)
-        return {"scale": ratio * min(self.long_edge / max(height, width), self.short_edge / min(height, width))}
-
-
+# -- transforms: albumentations, plus the crop rule it lacks ----------------------------------------
 class CatMaxRatioCrop(A.RandomCrop):
     """mmseg's ``RandomCrop(crop_size, cat_max_ratio)``: up to ``tries`` random crops until no class
     (ignore excluded) covers ``cat_max_ratio`` or more of the crop and at least two classes show.
@@ -146,7 +131,7 @@ def train_transform(
 ) -> A.Compose:
     crop_h, crop_w = crop_size
     return A.Compose([
-        KeepRatioRescale(scale, ratio_range),
+        KeepRatioResize(max(scale), [min(scale)], ratio_range),
         CatMaxRatioCrop(crop_h, crop_w, cat_max_ratio),
         A.HorizontalFlip(p=0.5),
         *photometric_distortion(),
@@ -158,29 +143,29 @@ def train_transform(
 
 
 def eval_transform(scale: Sequence[int]) -> A.Compose:
+    """Keep-ratio resize to fit ``scale`` (mmseg's ``Resize(img_scale, keep_ratio=True)``), normalise."""
     normalize = A.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
-    return A.Compose([KeepRatioRescale(scale), normalize, ToTensorV2()])
+    return A.Compose([KeepRatioResize(max(scale), [min(scale)]), normalize, ToTensorV2()])
 
 
 # -- files -----------------------------------------------------------------------------------------
-def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3); grayscale images (ADE has a few) are expanded."""
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except OSError as err:
-        raise DatasetError(f"{path}: cannot read image ({err})") from err
-
-
 def read_label(path: Path, image_size: tuple[int, int], num_classes: int, reduce_zero_label: bool) -> np.ndarray:
-    """Class indices (H, W) uint8 in 0..num_classes-1 or 255, checked against the image size (W, H)."""
+    """Class indices (H, W) uint8 in 0..num_classes-1 or 255, checked against the image size (W, H).
+
+    Labels are 8-bit by the ADE20K spec; a 16-bit PNG is accepted while its values fit in 8 bits.
+    """
     try:
         with Image.open(path) as img:
-            if img.mode not in ("L", "P"):
-                raise DatasetError(f"{path}: label must be a single-channel PNG of class indices, got mode {img.mode}")
-            label = np.array(img)
-    except OSError as err:
-        raise DatasetError(f"{path}: cannot read label ({err})") from err
+            mode, label = img.mode, np.array(img)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DatasetError(f"{path}: cannot be read as a label image ({err})") from None
+    if mode not in ("L", "P", "I", *SIXTEEN_BIT_MODES):
+        raise DatasetError(f"{path}: label must be a single-channel PNG of class indices, got mode {mode}")
+    if label.dtype != np.uint8:
+        if label.max() > 255 or label.min() < 0:
+            raise DatasetError(f"{path}: label value {int(label.max())} does not fit in 8 bits; ADE20K labels are "
+                               "uint8 class indices (0 = other, 255 = ignore)")  # fmt: skip
+        label = label.astype(np.uint8)
     if label.shape[::-1] != tuple(image_size):
         raise DatasetError(
             f"{path}: label is {label.shape[1]}×{label.shape[0]} px but its image is "
@@ -199,15 +184,23 @@ def read_label(path: Path, image_size: tuple[int, int], num_classes: int, reduce
     return label
 
 
+def header_size(path: Path) -> tuple[int, int]:
+    """(W, H) from the file's header (no decoding); a :class:`DatasetError` naming it when it is no image."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DatasetError(f"{path}: cannot be read as an image ({err})") from None
+
+
 class ADE20KDataset(AugmentedDataset):
     """(image, label) pairs; ``train`` applies the joint pipeline, eval keeps the label untouched.
 
     Items: ``image`` (3, h, w) float, ``label`` (H, W) uint8 (train: the crop; eval: original size),
-    ``size`` (h, w) of the transformed image, ``name`` (file stem). Without labels (``predict``)
-    ``label`` is absent and ``orig_size`` gives the size to predict at.
+    ``path`` (the image file).
     """
 
-    def __init__(self, samples: Sequence[tuple[Path, Path | None]], transform: A.Compose, train: bool,
+    def __init__(self, samples: Sequence[tuple[Path, Path]], transform: A.Compose, train: bool,
                  num_classes: int, reduce_zero_label: bool) -> None:  # fmt: skip
         self.samples = list(samples)
         self.transform = transform
@@ -220,31 +213,13 @@ class ADE20KDataset(AugmentedDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_path, label_path = self.samples[index]
-        image = read_image(image_path)
-        item: dict[str, Any] = {"name": image_path.stem}
-        if label_path is None:
-            out = self.transform(image=image)
-            item["orig_size"] = image.shape[:2]
-        else:
-            label = read_label(label_path, (image.shape[1], image.shape[0]), self.num_classes, self.reduce_zero_label)
+        image = np.asarray(read_rgb(image_path))  # ADE has a few grayscale images: expanded to RGB
+        label = read_label(label_path, (image.shape[1], image.shape[0]), self.num_classes, self.reduce_zero_label)
+        if self.train:
             self.seed_transform()
-            out = self.transform(image=image, mask=label) if self.train else self.transform(image=image)
-            item["label"] = torch.as_tensor(out["mask"] if self.train else label)
-        item["image"] = out["image"]
-        item["size"] = tuple(out["image"].shape[-2:])
-        return item
-
-
-def collate_eval(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pad images to the batch's largest (bottom/right, zeros); labels stay a list at their own sizes."""
-    height = max(item["image"].shape[-2] for item in batch)
-    width = max(item["image"].shape[-1] for item in batch)
-    images = [F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2])) for x in (item["image"] for item in batch)]
-    out = {"image": torch.stack(images), "size": [item["size"] for item in batch]}
-    for key in ("label", "orig_size", "name"):
-        if key in batch[0]:
-            out[key] = [item[key] for item in batch]
-    return out
+            out = self.transform(image=image, mask=label)
+            return {"image": out["image"], "label": torch.as_tensor(out["mask"]), "path": str(image_path)}
+        return {"image": self.transform(image=image)["image"], "label": torch.as_tensor(label), "path": str(image_path)}
 
 
 # -- the DataModule --------------------------------------------------------------------------------
@@ -263,8 +238,8 @@ class ADE20KDataModule(BaseDataModule):
         cat_max_ratio: a train crop is redrawn (up to 10 times) while one class covers this much of it.
         eval_batch_size: images per device in validate/test/predict; 1 (published) runs every image at
             its own size, larger values pad each batch to its largest image.
-        predict_root: folder of images for ``predict`` (default: ``root/images/validation``).
-        global_batch_size, batch_size, num_workers, pin_memory, persistent_workers: see ``BaseDataModule``.
+        **kwargs: ``predict_dir`` (default: ``root/images/validation``), the batch and loader
+            settings: see :class:`BaseDataModule`.
     """
 
     layout_hint = "Expected ADEChallengeData2016/{images,annotations}/{training,validation}/ADE_*.{jpg,png}."
@@ -280,32 +255,17 @@ class ADE20KDataModule(BaseDataModule):
         crop_size: tuple[int, int] = (512, 512),
         cat_max_ratio: float = 0.75,
         eval_batch_size: int = 1,
-        predict_root: str | Path | None = None,
-        global_batch_size: int | None = None,
-        batch_size: int | None = None,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(root, global_batch_size, batch_size, num_workers, pin_memory, persistent_workers)
+        super().__init__(root, **kwargs)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}")
         self.num_classes = num_classes
         self.reduce_zero_label = reduce_zero_label
-        self._class_names = class_names
+        self._info = DatasetInfo(tuple(class_names) if class_names is not None else default_class_names(num_classes))
         self.scale, self.ratio_range, self.crop_size = tuple(scale), tuple(ratio_range), tuple(crop_size)
         self.cat_max_ratio = cat_max_ratio
         self.eval_batch_size = eval_batch_size
-        self.predict_root = Path(predict_root) if predict_root is not None else None
-        self.train_dataset = self.val_dataset = self.predict_dataset = None
-
-    @property
-    def class_names(self) -> list[str]:
-        if self._class_names is not None:
-            return list(self._class_names)
-        if self.num_classes == len(ADE20K_CLASSES):
-            return list(ADE20K_CLASSES)
-        return [f"class {i}" for i in range(self.num_classes)]
 
     def _dataset(self, split: str, train: bool) -> ADE20KDataset:
         transform = (train_transform(self.scale, self.ratio_range, self.crop_size, self.cat_max_ratio)
@@ -319,51 +279,37 @@ class ADE20KDataModule(BaseDataModule):
         for directory in (image_dir, label_dir):
             if not directory.is_dir():
                 raise DatasetError(f"{directory}: directory not found. {self.layout_hint}")
-        images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        images = list_images(image_dir)
         if not images:
-            raise DatasetError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) found. {self.layout_hint}")
+            raise DatasetError(f"{image_dir}: no images found. {self.layout_hint}")
         labels = {p.name for p in label_dir.iterdir()}
         samples = []
         for image in images:
             label = label_dir / f"{image.stem}.png"
             if label.name not in labels:
                 raise DatasetError(f"{image}: no label file; expected {label}")
-            with Image.open(image) as img, Image.open(label) as lbl:  # headers only, no decoding
-                if img.size != lbl.size:
-                    raise DatasetError(
-                        f"{label}: label is {lbl.size[0]}×{lbl.size[1]} px but its image {image.name} is "
-                        f"{img.size[0]}×{img.size[1]}; a label must have its image's size"
-                    )
+            image_size, label_size = header_size(image), header_size(label)
+            if image_size != label_size:
+                raise DatasetError(
+                    f"{label}: label is {label_size[0]}×{label_size[1]} px but its image {image.name} is "
+                    f"{image_size[0]}×{image_size[1]}; a label must have its image's size"
+                )
             samples.append((image, label))
         return samples
 
     def setup(self, stage: str | None = None) -> None:
         self.check_root()
         if stage in (None, "fit"):
-            self.train_dataset = self._dataset("train", train=True)
+            self.datasets["train"] = self._dataset("train", train=True)
         if stage in (None, "fit", "validate", "test"):
-            self.val_dataset = self._dataset("val", train=False)
+            # ADE20K's test images have no public labels: ``test`` scores the validation split.
+            self.datasets["val"] = self.datasets["test"] = self._dataset("val", train=False)
         if stage == "predict":
-            folder = self.predict_root or self.root / "images" / SPLIT_DIRS["val"]
-            if not folder.is_dir():
-                raise DatasetError(f"{folder}: predict folder not found; set --data.predict_root to a folder of images")
-            images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not images:
-                raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) to predict")
-            self.predict_dataset = ADE20KDataset([(p, None) for p in images], eval_transform(self.scale), False,
-                                                 self.num_classes, self.reduce_zero_label)  # fmt: skip
+            folder = self.predict_dir or self.root / "images" / SPLIT_DIRS["val"]
+            self.datasets["predict"] = PredictFolder(folder, ImageOnly(eval_transform(self.scale)))
 
-    def train_dataloader(self) -> DataLoader:
-        return self.make_loader(self.train_dataset, train=True)
+    def collate_fn(self, split: str) -> Callable | None:
+        return None if split == "train" else collate_padded
 
-    def val_dataloader(self) -> DataLoader:
-        return self.make_loader(self.val_dataset, train=False, collate_fn=collate_eval, batch_size=self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        """ADE20K's test images have no public labels: ``test`` scores the validation split."""
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.make_loader(
-            self.predict_dataset, train=False, collate_fn=collate_eval, batch_size=self.eval_batch_size
-        )
+    def loader_batch_size(self, split: str) -> int:
+        return self.per_device_batch_size() if split == "train" else self.eval_batch_size

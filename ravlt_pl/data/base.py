@@ -1,8 +1,9 @@
-"""What every DataModule shares: the data root, the global-batch rule and the DataLoader settings."""
+"""What every DataModule shares: the data root, the global-batch rule, typed metadata and one loader factory."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -13,11 +14,29 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, g
 from .errors import DatasetError
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a task needs to know of its data: ``class_names[label]`` names model output ``label``;
+    ``category_ids[label]`` is its id in the dataset's own files where those differ (COCO: 1..90 with gaps)."""
+
+    class_names: tuple[str, ...]
+    category_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.category_ids is not None and len(self.category_ids) != len(self.class_names):
+            raise ValueError(f"{len(self.category_ids)} category ids for {len(self.class_names)} class names")
+
+
 class BaseDataModule(LightningDataModule):
     """Holds ``root`` and the loader settings; derives the per-device batch from the global one.
 
+    Subclasses fill :attr:`datasets` (``train``, ``val``, ``test``, ``predict``) and :attr:`info` in
+    ``setup``; one loader factory (torchgeo's pattern) builds every split's DataLoader from them,
+    with the hooks :meth:`collate_fn`, :meth:`loader_batch_size` and :meth:`train_sampler`.
+
     Args:
         root: dataset directory (the real layout, see ``data/README.md``).
+        predict_dir: folder of images for ``predict`` (default: the validation images).
         global_batch_size: the published batch over all devices and accumulation steps. When set,
             ``batch_size`` is derived as ``global / (devices × nodes × accumulate_grad_batches)``,
             or checked against it if also given.
@@ -33,6 +52,7 @@ class BaseDataModule(LightningDataModule):
     def __init__(
         self,
         root: str | Path,
+        predict_dir: str | Path | None = None,
         global_batch_size: int | None = None,
         batch_size: int | None = None,
         num_workers: int = 4,
@@ -43,11 +63,21 @@ class BaseDataModule(LightningDataModule):
         if global_batch_size is None and batch_size is None:
             raise ValueError("set data.batch_size (per device) or data.global_batch_size")
         self.root = Path(root)
+        self.predict_dir = Path(predict_dir) if predict_dir is not None else None
         self.global_batch_size = global_batch_size
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
+        self.datasets: dict[str, Dataset] = {}
+        self._info: DatasetInfo | None = None
+
+    @property
+    def info(self) -> DatasetInfo:
+        """Class names (and dataset category ids) of the data; set by ``setup`` for every stage."""
+        if self._info is None:
+            raise RuntimeError(f"{type(self).__name__}.info is known after setup(stage)")
+        return self._info
 
     def check_root(self) -> None:
         if not self.root.is_dir():
@@ -92,43 +122,67 @@ class BaseDataModule(LightningDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def make_loader(
-        self,
-        dataset: Dataset,
-        train: bool,
-        collate_fn: Callable | None = None,
-        sampler: Sampler | None = None,
-        batch_size: int | None = None,
-    ) -> DataLoader:
-        """A DataLoader that shards itself over processes (the CLI turns Lightning's sampler swap off).
+    # -- hooks of the loader factory -----------------------------------------------------------------
+    def collate_fn(self, split: str) -> Callable | None:
+        """How ``split``'s items form a batch (``None``: torch's default collate)."""
+        return None
+
+    def loader_batch_size(self, split: str) -> int:
+        """Images per device per step for ``split``."""
+        return self.per_device_batch_size()
+
+    def train_sampler(self, dataset: Dataset) -> Sampler | None:
+        """A training sampler that already shards over processes (``None``: a shuffling ``DistributedSampler``)."""
+        return None
+
+    # -- the loader factory --------------------------------------------------------------------------
+    def _dataloader_factory(self, split: str) -> DataLoader:
+        """The DataLoader of ``split``; it shards itself over processes (the CLI turns Lightning's sampler swap off).
 
         Training shards with a shuffling ``DistributedSampler`` (seeded by epoch, also on one
-        process) unless ``sampler`` is given (e.g. repeated augmentation, already distributed), wrapped
-        in a :class:`ResumableSampler` so a run resumed mid-epoch continues with the next unseen
-        batch; evaluation shards without padding, so every sample is scored exactly once whatever
+        process) unless :meth:`train_sampler` gives one (e.g. repeated augmentation), wrapped in a
+        :class:`ResumableSampler` so a run resumed mid-epoch continues with the next unseen batch;
+        evaluation and predict shard without padding, so every sample is seen exactly once whatever
         the world size.
         """
+        if split not in self.datasets:
+            raise RuntimeError(f"{type(self).__name__} has no {split!r} dataset; setup() for that stage builds it")
+        dataset = self.datasets[split]
         world, rank = self._world()
+        batch_size = self.loader_batch_size(split)
+        train = split == "train"
+        sampler: Sampler | None = None
         if train:
             # Seeded per epoch even on one process, so a resumed run sees the same order.
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-            if sampler is None:
-                sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
-            sampler = ResumableSampler(sampler, self._resume_position, batch_size or self.per_device_batch_size())
-        elif sampler is None and world > 1:
+            sampler = self.train_sampler(dataset) or DistributedSampler(
+                dataset, world, rank, shuffle=True, seed=seed, drop_last=True
+            )
+            sampler = ResumableSampler(sampler, self._resume_position, batch_size)
+        elif world > 1:
             sampler = ShardedEvalSampler(len(dataset), world, rank)
-        workers = self.num_workers
         return (ResumableLoader if train else DataLoader)(
             dataset,
-            batch_size=batch_size or self.per_device_batch_size(),
-            shuffle=train and sampler is None,
+            batch_size=batch_size,
             sampler=sampler,
             drop_last=train,
-            num_workers=workers,
+            num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and workers > 0,
-            collate_fn=collate_fn,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            collate_fn=self.collate_fn(split),
         )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._dataloader_factory("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._dataloader_factory("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._dataloader_factory("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._dataloader_factory("predict")
 
 
 class AugmentedDataset(Dataset):

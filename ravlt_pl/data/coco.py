@@ -21,19 +21,17 @@ from typing import Any, Literal, Sequence
 
 import albumentations as A
 from albumentations.augmentations.crops.transforms import BaseCrop
-from albumentations.augmentations.geometric.resize import MaxSizeTransform
+from albumentations.pytorch import ToTensorV2
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
-from torch.utils.data import Dataset
 
-from .base import AugmentedDataset, BaseDataModule
+from .base import AugmentedDataset, BaseDataModule, DatasetInfo
 from .errors import DatasetError
+from .images import ImageOnly, PredictFolder, collate_lists, read_rgb
+from .transforms import KeepRatioResize
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _REQUIRED = {
     "images": ("id", "file_name", "height", "width"),
     "annotations": ("id", "image_id", "category_id", "bbox"),
@@ -76,6 +74,10 @@ def read_split(ann_file: Path, image_dir: Path, train: bool, with_masks: bool) -
     categories = {c["id"]: c["name"] for c in data["categories"]}
     images: dict[int, int] = {}
     for i, img in enumerate(data["images"]):
+        file_name = img["file_name"]
+        if not isinstance(file_name, str) or Path(file_name).is_absolute() or ".." in Path(file_name).parts:
+            raise DatasetError(f"{name}: images[{i}] (id {img['id']}) has file_name {file_name!r}; it must be a "
+                               f"relative path inside {image_dir} (not absolute, no '..')")  # fmt: skip
         if img["id"] in images:
             first = data["images"][images[img["id"]]]
             raise DatasetError(f"{name}: image id {img['id']} is used twice (images[{images[img['id']]}] "
@@ -95,6 +97,8 @@ def read_split(ann_file: Path, image_dir: Path, train: bool, with_masks: bool) -
             raise DatasetError(f"{where} has bbox {box!r}; expected [x, y, width, height]")
         if box[2] < 0 or box[3] < 0:
             raise DatasetError(f"{where} has bbox {box}; width and height must be positive")
+        if with_masks:
+            check_segmentation(ann["segmentation"], data["images"][images[ann["image_id"]]], where)
         if train and ann.get("iscrowd", 0):
             continue
         if train and _is_degenerate(ann, data["images"][images[ann["image_id"]]]):
@@ -145,40 +149,69 @@ def _check_image_files(image_dir: Path, records: list[dict], index: dict[int, in
                                f"images[{index[img['id']]}] (id {img['id']})")  # fmt: skip
 
 
-def read_image(path: Path, expected_hw: tuple[int, int] | None = None, record: str = "") -> np.ndarray:
+def check_segmentation(segmentation: Any, image: dict, where: str) -> None:
+    """Refuse what pycocotools would turn into a wrong mask or a crash: polygons under 3 points or
+    with an odd coordinate count (4 numbers it takes for a box), RLE not of the image's size or whose
+    run lengths do not cover it exactly."""
+    height, width = image["height"], image["width"]
+    if isinstance(segmentation, list):
+        if not segmentation:
+            raise DatasetError(f"{where} has an empty segmentation list; expected polygons [[x1, y1, x2, y2, ...], ...]")
+        for k, polygon in enumerate(segmentation):
+            numbers = isinstance(polygon, list) and all(isinstance(v, (int, float)) for v in polygon)
+            if not numbers or len(polygon) < 6 or len(polygon) % 2:
+                count = len(polygon) if isinstance(polygon, list) else type(polygon).__name__
+                raise DatasetError(f"{where}: polygon {k} has {count} coordinates; a polygon is an even "
+                                   "count (x, y pairs) of at least 6 numbers")  # fmt: skip
+        return
+    if not isinstance(segmentation, dict) or "counts" not in segmentation or "size" not in segmentation:
+        raise DatasetError(f"{where} has segmentation of type {type(segmentation).__name__}; expected polygons "
+                           "or RLE {'size': [h, w], 'counts': ...}")  # fmt: skip
+    if list(segmentation["size"]) != [height, width]:
+        raise DatasetError(f"{where}: RLE size {segmentation['size']} differs from its image's [{height}, {width}]")
+    counts = segmentation["counts"]
+    runs = rle_string_runs(counts) if isinstance(counts, str) else counts
+    valid = isinstance(runs, list) and all(isinstance(r, int) and r >= 0 for r in runs)
+    if not valid or sum(runs) != height * width:
+        covered = f"run lengths summing to {sum(runs)}" if valid else "malformed counts"
+        raise DatasetError(f"{where}: RLE has {covered}; its {height}×{width} image needs {height * width} pixels")
+
+
+def rle_string_runs(counts: str) -> list[int] | None:
+    """The run lengths of a compressed COCO RLE string, or None when it is malformed.
+
+    pycocotools' ``rleFrString`` decodes it without checks (a short string leaves pixels unset, a
+    cut one reads past its end) and has no Python API, so its format is read here: 6-bit characters
+    from '0', 5 value bits each, bit 5 "more follows", the last one's bit 4 the sign; from the third
+    run on, values are deltas to the run two before.
+    """
+    runs: list[int] = []
+    value = shift = 0
+    for char in counts:
+        code = ord(char) - 48
+        if not 0 <= code < 64:
+            return None
+        value |= (code & 0x1F) << shift
+        shift += 5
+        if code & 0x20:
+            continue
+        if code & 0x10:
+            value -= 1 << shift
+        runs.append(value + (runs[-2] if len(runs) > 2 else 0))
+        value = shift = 0
+    return runs if shift == 0 else None
+
+
+def read_image(path: Path, expected_hw: tuple[int, int], record: str) -> np.ndarray:
     """RGB uint8 (H, W, 3); EXIF orientation is ignored, as the annotations are in stored pixels."""
-    try:
-        with Image.open(path) as img:
-            image = np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"{path}: cannot read the image ({err})") from err
-    if expected_hw is not None and image.shape[:2] != tuple(expected_hw):
+    image = np.array(read_rgb(path))  # writable: torch refuses to wrap a read-only array
+    if image.shape[:2] != tuple(expected_hw):
         raise DatasetError(f"{path}: image is {image.shape[1]}×{image.shape[0]} px but {record} says "
                            f"{expected_hw[1]}×{expected_hw[0]}")  # fmt: skip
     return image
 
 
 # -- augmentation ----------------------------------------------------------------------------------
-class RescaleToFit(MaxSizeTransform):
-    """mmdet's keep-ratio ``Resize``: the largest scale with short side ≤ ``short`` and long side ≤ ``long``.
-
-    ``short`` is drawn from ``short_sides`` each call (multi-scale training); albumentations'
-    ``LongestMaxSize``/``SmallestMaxSize`` each bound one side only.
-    """
-
-    def __init__(self, short_sides: Sequence[int], long_side: int, p: float = 1.0) -> None:
-        super().__init__(max_size=long_side, p=p)
-        self.short_sides, self.long_side = list(short_sides), long_side
-
-    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-        height, width = params["shape"][:2]
-        short = self.py_random.choice(self.short_sides)
-        return {"scale": min(short / min(height, width), self.long_side / max(height, width))}
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("short_sides", "long_side")
-
-
 class RandomRangeCrop(BaseCrop):
     """mmdet ``RandomCrop(crop_type='absolute_range')``: height and width each uniform in [lo, hi] (≤ the image).
 
@@ -213,22 +246,23 @@ def train_transform(recipe: Recipe, scale: tuple[int, int]) -> A.Compose:
     """
     long, short = scale
     if recipe == "1x":
-        steps: list = [RescaleToFit([short], long), A.HorizontalFlip(p=0.5)]
+        steps: list = [KeepRatioResize(long, [short]), A.HorizontalFlip(p=0.5)]
     elif recipe == "3x":
         multi = [round(short * (0.6 + 0.04 * k)) for k in range(11)]  # 480, 512, ..., 800
         crop = A.Sequential([
-            RescaleToFit([round(short * f) for f in (0.5, 0.625, 0.75)], long),  # 400, 500, 600
+            KeepRatioResize(long, [round(short * f) for f in (0.5, 0.625, 0.75)]),  # 400, 500, 600
             RandomRangeCrop((round(short * 0.48), round(short * 0.75))),  # 384–600
-            RescaleToFit(multi, long),
+            KeepRatioResize(long, multi),
         ])  # fmt: skip
-        steps = [A.HorizontalFlip(p=0.5), A.OneOf([RescaleToFit(multi, long), crop], p=1.0)]
+        steps = [A.HorizontalFlip(p=0.5), A.OneOf([KeepRatioResize(long, multi), crop], p=1.0)]
     else:
         raise ValueError(f"recipe must be '1x' or '3x', got {recipe!r}")
     return A.Compose(steps, bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels", "indices"]))
 
 
 def eval_transform(scale: tuple[int, int]) -> A.Compose:
-    return A.Compose([RescaleToFit([scale[1]], scale[0])])
+    """Keep-ratio resize to fit ``scale = (long, short)``; out comes a (3, H, W) uint8 tensor."""
+    return A.Compose([KeepRatioResize(scale[0], [scale[1]]), ToTensorV2()])
 
 
 # -- datasets ---------------------------------------------------------------------------------------
@@ -275,7 +309,7 @@ class COCODetection(AugmentedDataset):
         if self.with_masks:
             empty = np.zeros((0, *image.shape[:2]), np.uint8)
             target["masks"] = torch.from_numpy(masks if masks is not None else empty)
-        return _to_tensor(self.transform(image=image)["image"]), target
+        return self.transform(image=image)["image"], target
 
     def _augment(self, image, anns, labels, masks) -> tuple[torch.Tensor, dict]:
         height, width = image.shape[:2]
@@ -295,29 +329,6 @@ class COCODetection(AugmentedDataset):
         return _to_tensor(out["image"]), target
 
 
-class ImageFolder(Dataset):
-    """Images of a folder for ``predict``: resized image + ``image_id`` (the numeric file stem, as in
-    COCO, else the position), ``file_name`` and ``orig_size``."""
-
-    def __init__(self, folder: Path, transform: A.Compose) -> None:
-        if not folder.is_dir():
-            raise DatasetError(f"{folder}: folder of images to predict not found")
-        self.files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.files:
-            raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) to predict")
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        path = self.files[index]
-        image = read_image(path)
-        meta = {"image_id": int(path.stem) if path.stem.isdigit() else index, "file_name": path.name,
-                "orig_size": image.shape[:2]}  # fmt: skip
-        return _to_tensor(self.transform(image=image)["image"]), meta
-
-
 def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
     """Images keep their own sizes: a batch is a list of images and a list of targets."""
     images, targets = zip(*batch)
@@ -335,10 +346,11 @@ class COCODataModule(BaseDataModule):
         scale: ``(long, short)`` bound of the keep-ratio resize used for evaluation and 1x training;
             the 3x sizes scale with ``short`` (published: (1333, 800)). Small values suit tests and demos.
         with_masks: decode instance masks (Mask R-CNN models); off for RetinaNet.
-        train_split, val_split, test_split: split names (``annotations/instances_<split>.json`` and
-            the ``<split>/`` image folder); COCO's test-dev has no public labels, so test uses val2017.
-        predict_dir: folder of images for ``predict`` (default: the val images).
-        global_batch_size, batch_size, num_workers, pin_memory, persistent_workers: see ``BaseDataModule``.
+        train_split: training split name (``annotations/instances_<split>.json`` and the ``<split>/`` image folder).
+        val_split: validation split name.
+        test_split: test split name; COCO's test-dev has no public labels, so test uses val2017.
+        **kwargs: ``predict_dir`` (default: the val images), the batch and loader settings: see
+            :class:`BaseDataModule`.
     """
 
     layout_hint = "Expected the COCO-2017 layout: annotations/instances_{train,val}2017.json, train2017/, val2017/."
@@ -353,22 +365,13 @@ class COCODataModule(BaseDataModule):
         train_split: str = "train2017",
         val_split: str = "val2017",
         test_split: str = "val2017",
-        predict_dir: str | None = None,
-        global_batch_size: int | None = 16,
-        batch_size: int | None = None,
-        num_workers: int = 4,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(root, global_batch_size, batch_size, num_workers, pin_memory, persistent_workers)
+        super().__init__(root, **kwargs)
         if recipe not in ("1x", "3x"):
             raise ValueError(f"recipe must be '1x' or '3x', got {recipe!r}")
         self.num_classes, self.recipe, self.scale, self.with_masks = num_classes, recipe, tuple(scale), with_masks
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
-        self.predict_dir = predict_dir
-        self.datasets: dict[str, Dataset] = {}
-        self.category_ids: list[int] = []
-        self.category_names: list[str] = []
 
     def _dataset(self, name: str, train: bool) -> COCODetection:
         split = self.splits[name]
@@ -377,7 +380,7 @@ class COCODataModule(BaseDataModule):
         if len(result.category_ids) != self.num_classes:
             raise DatasetError(f"{result.ann_file}: {len(result.category_ids)} categories, but num_classes is "
                                f"{self.num_classes}; set --data.init_args.num_classes")  # fmt: skip
-        self.category_ids, self.category_names = result.category_ids, result.category_names
+        self._info = DatasetInfo(tuple(result.category_names), tuple(result.category_ids))
         transform = train_transform(self.recipe, self.scale) if train else eval_transform(self.scale)
         return COCODetection(result, transform, train, self.with_masks)
 
@@ -390,29 +393,19 @@ class COCODataModule(BaseDataModule):
         if stage == "test" and "test" not in self.datasets:
             self.datasets["test"] = self._dataset("test", train=False)
         if stage == "predict" and "predict" not in self.datasets:
-            folder = Path(self.predict_dir) if self.predict_dir else self.root / self.splits["val"]
-            self.datasets["predict"] = ImageFolder(folder, eval_transform(self.scale))
-            self._predict_categories()
+            folder = self.predict_dir or self.root / self.splits["val"]
+            self.datasets["predict"] = PredictFolder(folder, ImageOnly(eval_transform(self.scale)))
+            self._info = self._predict_info()
 
-    def _predict_categories(self) -> None:
+    def _predict_info(self) -> DatasetInfo:
         """Category ids/names from the val annotation file when there is one, else ``1..num_classes``."""
         ann_file = self.root / "annotations" / f"instances_{self.splits['val']}.json"
         if ann_file.is_file():
             categories = sorted((c["id"], c["name"]) for c in _load_json(ann_file).get("categories", []))
             if len(categories) == self.num_classes:
-                self.category_ids, self.category_names = [c for c, _ in categories], [n for _, n in categories]
-                return
-        self.category_ids = list(range(1, self.num_classes + 1))
-        self.category_names = [f"class_{i}" for i in self.category_ids]
+                return DatasetInfo(tuple(n for _, n in categories), tuple(c for c, _ in categories))
+        ids = tuple(range(1, self.num_classes + 1))
+        return DatasetInfo(tuple(f"class_{i}" for i in ids), ids)
 
-    def train_dataloader(self):
-        return self.make_loader(self.datasets["train"], train=True, collate_fn=collate)
-
-    def val_dataloader(self):
-        return self.make_loader(self.datasets["val"], train=False, collate_fn=collate)
-
-    def test_dataloader(self):
-        return self.make_loader(self.datasets["test"], train=False, collate_fn=collate)
-
-    def predict_dataloader(self):
-        return self.make_loader(self.datasets["predict"], train=False, collate_fn=collate)
+    def collate_fn(self, split: str):
+        return collate_lists if split == "predict" else collate

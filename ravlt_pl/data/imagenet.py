@@ -2,48 +2,34 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
-from PIL import Image
 from timm.data import create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .base import BaseDataModule
+from .base import BaseDataModule, DatasetInfo
 from .errors import DatasetError
+from .images import IMAGE_SUFFIXES, PredictFolder, is_image_file, read_rgb
 
 
-def load_rgb(path: str) -> Image.Image:
-    """PIL loader whose failure names the file (a worker's traceback otherwise hides it)."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"{path}: cannot be read as an image ({err})") from None
+def class_folders(split_dir: str | Path) -> list[str]:
+    """The class folders of an ImageFolder split, sorted; hidden ones (``.ipynb_checkpoints``) are no class."""
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
 
 
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
+class ClassFolders(ImageFolder):
+    """torchvision's ImageFolder read with :func:`read_rgb`, blind to hidden folders and files."""
 
+    def __init__(self, split_dir: Path, transform) -> None:
+        super().__init__(str(split_dir), transform, loader=read_rgb, is_valid_file=is_image_file)
 
-class ImageFiles(Dataset):
-    """The images of one folder (recursively), for ``predict``: yields ``(image, index)``."""
-
-    def __init__(self, folder: Path, transform) -> None:
-        if not folder.is_dir():
-            raise DatasetError(f"{folder}: predict folder not found")
-        self.files = sorted(p for p in folder.rglob("*") if p.is_file() and _is_image(p.name))
-        if not self.files:
-            raise DatasetError(f"{folder}: no image files ({', '.join(IMG_EXTENSIONS)}) found")
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int):
-        return self.transform(load_rgb(str(self.files[index]))), index
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = class_folders(directory)
+        return classes, {name: i for i, name in enumerate(classes)}
 
 
 class ImageNetDataModule(BaseDataModule):
@@ -61,7 +47,8 @@ class ImageNetDataModule(BaseDataModule):
         reprob: random-erasing probability.
         repeated_aug: DeiT's repeated-augmentation sampler (3 augmented copies per image per epoch,
             sharded over processes).
-        predict_dir: folder of images for ``predict``.
+        **kwargs: ``predict_dir`` (default ``root/val``, read recursively), the batch and loader
+            settings: see :class:`BaseDataModule`.
     """
 
     layout_hint = "Expected the ImageFolder layout ROOT/train/<class>/*.JPEG and ROOT/val/<class>/*.JPEG."
@@ -78,14 +65,9 @@ class ImageNetDataModule(BaseDataModule):
         color_jitter: float = 0.3,
         reprob: float = 0.25,
         repeated_aug: bool = False,
-        predict_dir: str | None = None,
-        global_batch_size: int | None = None,
-        batch_size: int | None = None,
-        num_workers: int = 8,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(root, global_batch_size, batch_size, num_workers, pin_memory, persistent_workers)
+        super().__init__(root, **kwargs)
         self.num_classes = num_classes
         self.image_size = image_size
         self.crop_pct = crop_pct
@@ -95,24 +77,21 @@ class ImageNetDataModule(BaseDataModule):
         self.color_jitter = color_jitter
         self.reprob = reprob
         self.repeated_aug = repeated_aug
-        self.predict_dir = predict_dir
-        self.class_names: list[str] = []
-        self.datasets: dict[str, Dataset] = {}
 
     # -- validation of the tree -------------------------------------------------------------------
     def _classes(self, split: str) -> list[str]:
         folder = self.root / split
         if not folder.is_dir():
             raise DatasetError(f"{folder}: split folder missing. {self.layout_hint}")
-        classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+        classes = class_folders(folder)
         if not classes:
             raise DatasetError(f"{folder}: no class sub-folders. {self.layout_hint}")
         for name in classes:
-            if not any(_is_image(f.name) for f in (folder / name).iterdir() if f.is_file()):
-                raise DatasetError(f"{folder / name}: class folder holds no image files ({', '.join(IMG_EXTENSIONS)})")
+            if not any(is_image_file(f) for f in (folder / name).iterdir() if f.is_file()):
+                raise DatasetError(f"{folder / name}: class folder holds no image files ({', '.join(IMAGE_SUFFIXES)})")
         return classes
 
-    def _check_tree(self) -> None:
+    def _check_tree(self) -> list[str]:
         self.check_root()
         train = self._classes("train")
         if len(train) != self.num_classes:
@@ -126,7 +105,7 @@ class ImageNetDataModule(BaseDataModule):
             raise DatasetError(
                 f"{self.root / 'val'}: class folders differ from train/ (only in val: {extra[:5]}, missing: {absent[:5]})"
             )
-        self.class_names = train
+        return train
 
     # -- transforms and datasets ------------------------------------------------------------------
     def transform(self, train: bool):
@@ -141,30 +120,20 @@ class ImageNetDataModule(BaseDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "predict":
-            if not self.predict_dir:
-                raise DatasetError("predict needs --data.init_args.predict_dir FOLDER (a folder of images)")
-            self.datasets["predict"] = ImageFiles(Path(self.predict_dir), self.transform(train=False))
-            if (self.root / "train").is_dir():  # class names for the predictions, when the tree is at hand
-                self.class_names = self._classes("train")
+            folder = self.predict_dir or self.root / "val"
+            self.datasets["predict"] = PredictFolder(folder, self.transform(train=False), recursive=True)
+            # Class names for the predictions when the tree is at hand, else the label numbers.
+            has_tree = (self.root / "train").is_dir()
+            names = self._classes("train") if has_tree else [str(i) for i in range(self.num_classes)]
+            self._info = DatasetInfo(tuple(names))
             return
-        self._check_tree()
+        self._info = DatasetInfo(tuple(self._check_tree()))
         if stage == "fit":
-            self.datasets["train"] = ImageFolder(str(self.root / "train"), self.transform(True), loader=load_rgb)
-        self.datasets["val"] = ImageFolder(str(self.root / "val"), self.transform(False), loader=load_rgb)
+            self.datasets["train"] = ClassFolders(self.root / "train", self.transform(True))
+        self.datasets["val"] = self.datasets["test"] = ClassFolders(self.root / "val", self.transform(False))
 
-    def train_dataloader(self):
-        dataset = self.datasets["train"]
-        sampler = None
-        if self.repeated_aug:
-            world, rank = self._world()
-            sampler = RepeatAugSampler(dataset, num_replicas=world, rank=rank, shuffle=True)
-        return self.make_loader(dataset, train=True, sampler=sampler)
-
-    def val_dataloader(self):
-        return self.make_loader(self.datasets["val"], train=False)
-
-    def test_dataloader(self):
-        return self.make_loader(self.datasets["val"], train=False)
-
-    def predict_dataloader(self):
-        return self.make_loader(self.datasets["predict"], train=False)
+    def train_sampler(self, dataset: Dataset) -> Sampler | None:
+        if not self.repeated_aug:
+            return None
+        world, rank = self._world()
+        return RepeatAugSampler(dataset, num_replicas=world, rank=rank, shuffle=True)

@@ -10,10 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ravlt_pl.data.ade20k import (
-    ADE20K_CLASSES, IGNORE_INDEX, ADE20KDataModule, CatMaxRatioCrop, KeepRatioRescale, collate_eval,
-    photometric_distortion,
-)  # fmt: skip
+from ravlt_pl.data.ade20k import ADE20K_CLASSES, IGNORE_INDEX, ADE20KDataModule, CatMaxRatioCrop, photometric_distortion
+from ravlt_pl.data.base import DatasetInfo
 from ravlt_pl.data.errors import DatasetError
 from ravlt_pl.data.synthetic import make_segmentation
 
@@ -42,41 +40,27 @@ def test_reduce_zero_label_ignores_other_and_shifts_classes(ade_root: Path) -> N
     raw = np.array(Image.open(ade_root / "annotations/validation/ADE_val_00000001.png"))
     dm = datamodule(ade_root)
     dm.setup("validate")
-    label = dm.val_dataset[0]["label"].numpy()
+    label = dm.datasets["val"][0]["label"].numpy()
     assert np.array_equal(label == IGNORE_INDEX, raw == 0)
     assert np.array_equal(label[raw > 0], raw[raw > 0] - 1)
     kept = datamodule(ade_root, num_classes=6, reduce_zero_label=False)
     kept.setup("validate")
-    assert np.array_equal(kept.val_dataset[0]["label"].numpy(), raw)
+    assert np.array_equal(kept.datasets["val"][0]["label"].numpy(), raw)
 
 
 def test_eval_keeps_aspect_to_fit_2048x512_and_label_at_original_size(ade_root: Path) -> None:
     dm = datamodule(ade_root, scale=(2048, 512))
     dm.setup("validate")
-    item = dm.val_dataset[0]
+    item = dm.datasets["val"][0]
     assert item["image"].shape == (3, 512, 683)  # 64×48 × min(2048/64, 512/48)
     assert item["label"].shape == (48, 64)
     assert item["image"].dtype == torch.float32 and abs(float(item["image"].mean())) < 3
 
 
-@pytest.mark.parametrize("hw,expected", [((512, 683), (512, 683)), ((683, 512), (683, 512)), ((300, 1000), (512, 1707)),
-                                         ((1200, 1600), (512, 683)), ((100, 3000), (68, 2048))])  # fmt: skip
-def test_keep_ratio_rescale_fits_long_and_short_edge_in_either_orientation(hw, expected) -> None:
-    out = KeepRatioRescale((2048, 512))(image=np.zeros((*hw, 3), np.uint8), mask=np.zeros(hw, np.uint8))
-    assert out["image"].shape[:2] == expected and out["mask"].shape == expected
-
-
-def test_random_rescale_ratio_stays_in_range() -> None:
-    transform = KeepRatioRescale((2048, 512), ratio_range=(0.5, 2.0))
-    transform.set_random_seed(0)
-    heights = {transform(image=np.zeros((512, 683, 3), np.uint8))["image"].shape[0] for _ in range(50)}
-    assert min(heights) >= 256 and max(heights) <= 1024 and len(heights) > 10
-
-
 def test_train_crop_pads_labels_with_ignore_and_images_with_zero(ade_root: Path) -> None:
     dm = datamodule(ade_root, ratio_range=(0.5, 0.5), crop_size=(32, 32))  # 64×48 → 32×24, below the crop
     dm.setup("fit")
-    item = dm.train_dataset[0]
+    item = dm.datasets["train"][0]
     assert item["image"].shape == (3, 32, 32) and item["label"].shape == (32, 32)
     assert (item["label"][24:] == IGNORE_INDEX).all() and (item["image"][:, 24:] == 0).all()
     batch = next(iter(dm.train_dataloader()))
@@ -110,28 +94,24 @@ def test_augmentations_follow_torch_seed(ade_root: Path) -> None:
         torch.manual_seed(seed)
         dm = datamodule(ade_root)
         dm.setup("fit")
-        items.append(dm.train_dataset[0]["image"])
+        items.append(dm.datasets["train"][0]["image"])
     assert torch.equal(items[0], items[1]) and not torch.equal(items[0], items[2])
 
 
-def test_eval_collate_pads_images_and_keeps_label_sizes() -> None:
-    batch = [{"image": torch.ones(3, 4, 6), "label": torch.zeros(8, 12), "size": (4, 6), "name": "a"},
-             {"image": torch.ones(3, 5, 3), "label": torch.zeros(10, 6), "size": (5, 3), "name": "b"}]  # fmt: skip
-    out = collate_eval(batch)
-    assert out["image"].shape == (2, 3, 5, 6) and out["image"][0, :, 4:].abs().sum() == 0
-    assert [tuple(label.shape) for label in out["label"]] == [(8, 12), (10, 6)] and out["size"] == [(4, 6), (5, 3)]
-
-
 def test_predict_folder_items_carry_original_size(ade_root: Path) -> None:
-    dm = datamodule(ade_root, scale=(128, 96), predict_root=str(ade_root / "images/training"))
+    dm = datamodule(ade_root, scale=(128, 96), predict_dir=str(ade_root / "images/training"))
     dm.setup("predict")
-    item = dm.predict_dataset[0]
+    item = dm.datasets["predict"][0]
     assert "label" not in item and item["orig_size"] == (48, 64) and item["image"].shape == (3, 96, 128)
+    assert item["path"] == str(ade_root / "images/training/ADE_train_00000001.jpg")
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["path"] == [item["path"]] and batch["size"] == [(96, 128)]
 
 
 def test_class_names_default_to_ade20k() -> None:
-    assert ADE20KDataModule("x", batch_size=1).class_names == list(ADE20K_CLASSES) and len(ADE20K_CLASSES) == 150
-    assert ADE20KDataModule("x", num_classes=2, batch_size=1).class_names == ["class 0", "class 1"]
+    assert ADE20KDataModule("x", batch_size=1).info == DatasetInfo(ADE20K_CLASSES) and len(ADE20K_CLASSES) == 150
+    assert ADE20KDataModule("x", num_classes=2, batch_size=1).info.class_names == ("class 0", "class 1")
+    assert ADE20KDataModule("x", num_classes=1, class_names=["sky"], batch_size=1).info.class_names == ("sky",)
     with pytest.raises(ValueError, match="class_names"):
         ADE20KDataModule("x", num_classes=2, class_names=["a"], batch_size=1)
 
@@ -166,7 +146,7 @@ def test_label_value_outside_the_classes_names_the_label(ade_root: Path, tmp_pat
     dm.setup("fit")  # values are checked when a label is decoded
     message = r"ADE_train_00000001\.png: label value 8 \(9 in the file, 0-based 8 after reduce_zero_label\) is neither a class in 0\.\.4 nor 255"
     with pytest.raises(DatasetError, match=message):
-        dm.train_dataset[0]
+        dm.datasets["train"][0]
     with pytest.raises(DatasetError, match=message):
         list(dm.train_dataloader())
 
@@ -179,7 +159,7 @@ def test_raw_255_stays_ignored_after_reduction(ade_root: Path, tmp_path: Path) -
     Image.fromarray(label).save(path)
     dm = datamodule(root)
     dm.setup("validate")
-    assert dm.val_dataset[0]["label"][0, 0] == IGNORE_INDEX
+    assert dm.datasets["val"][0]["label"][0, 0] == IGNORE_INDEX
 
 
 def test_colour_label_is_rejected(ade_root: Path, tmp_path: Path) -> None:
@@ -188,7 +168,7 @@ def test_colour_label_is_rejected(ade_root: Path, tmp_path: Path) -> None:
     dm = datamodule(root)
     dm.setup("validate")
     with pytest.raises(DatasetError, match=r"ADE_val_00000002\.png: label must be a single-channel PNG"):
-        dm.val_dataset[1]
+        dm.datasets["val"][1]
 
 
 def test_empty_split_names_the_folder(ade_root: Path, tmp_path: Path) -> None:
@@ -215,3 +195,48 @@ def test_photometric_distortion_puts_contrast_first_or_last() -> None:
 def test_crop_rejects_an_ignore_index_outside_uint8() -> None:
     with pytest.raises(ValueError, match="ignore_index"):
         CatMaxRatioCrop(8, 8, ignore_index=-1)
+
+
+def test_sixteen_bit_label_within_uint8_is_read(ade_root: Path, tmp_path: Path) -> None:
+    root = copy_split(ade_root, tmp_path / "ade")
+    path = root / "annotations/validation/ADE_val_00000001.png"
+    raw = np.array(Image.open(path))
+    Image.fromarray(raw.astype(np.uint16)).save(path)  # a 16-bit PNG (Pillow mode I;16)
+    dm = datamodule(root, num_classes=6, reduce_zero_label=False)
+    dm.setup("validate")
+    assert np.array_equal(dm.datasets["val"][0]["label"].numpy(), raw)
+
+
+def test_sixteen_bit_label_beyond_uint8_is_refused_naming_the_file(ade_root: Path, tmp_path: Path) -> None:
+    root = copy_split(ade_root, tmp_path / "ade")
+    path = root / "annotations/validation/ADE_val_00000001.png"
+    label = np.array(Image.open(path)).astype(np.uint16)
+    label[0, 0] = 300
+    Image.fromarray(label).save(path)
+    dm = datamodule(root)
+    dm.setup("validate")
+    with pytest.raises(DatasetError, match=r"ADE_val_00000001\.png: label value 300 does not fit in 8 bits"):
+        dm.datasets["val"][0]
+
+
+@pytest.mark.parametrize("which", ["images/training/ADE_train_00000002.jpg", "annotations/training/ADE_train_00000002.png"])
+def test_image_or_label_that_is_no_image_names_the_file(ade_root: Path, tmp_path: Path, which: str) -> None:
+    root = copy_split(ade_root, tmp_path / "ade")
+    (root / which).write_text("not an image")
+    with pytest.raises(DatasetError, match=rf"{which}: cannot be read as an image"):
+        datamodule(root).setup("fit")
+
+
+def test_sixteen_bit_grayscale_image_keeps_its_top_byte(ade_root: Path, tmp_path: Path) -> None:
+    root = copy_split(ade_root, tmp_path / "ade")
+    path = root / "images/validation/ADE_val_00000001.jpg"
+    gray = (np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 21)  # 0..64491
+    png = path.with_suffix(".png")
+    path.unlink()
+    Image.fromarray(gray).save(png)  # mode I;16
+    dm = datamodule(root, scale=(64, 48))
+    dm.setup("validate")
+    image = dm.datasets["val"][0]["image"]  # normalised; undo it
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    pixels = (image * std[:, None, None] + mean[:, None, None]) * 255
+    assert torch.allclose(pixels[0], torch.from_numpy((gray >> 8).astype(np.float32)), atol=0.01)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import logging
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ravlt_pl.data.coco import COCODataModule, RandomRangeCrop, RescaleToFit, train_transform
+from ravlt_pl.data.coco import COCODataModule, RandomRangeCrop, rle_string_runs, train_transform
 from ravlt_pl.data.errors import DatasetError
 from ravlt_pl.data.synthetic import COCO_CATEGORY_IDS, make_detection
 
@@ -47,13 +48,13 @@ def _raw(root: Path, split: str = "train2017") -> dict:
 def test_category_ids_map_to_contiguous_labels_and_back(coco_root):
     dm = _datamodule(coco_root)
     dm.setup("fit")
-    assert dm.category_ids == sorted(COCO_CATEGORY_IDS)
+    assert dm.info.category_ids == tuple(sorted(COCO_CATEGORY_IDS)) and dm.info.class_names[0] == "circle"
     dataset = dm.datasets["val"]
     raw = _raw(coco_root, "val2017")
     for index, image_id in enumerate(dataset.split.image_ids):
         _, target = dataset[index]
         expected = [a["category_id"] for a in raw["annotations"] if a["image_id"] == image_id]
-        assert [dm.category_ids[label] for label in target["labels"].tolist()] == expected
+        assert [dm.info.category_ids[label] for label in target["labels"].tolist()] == expected
         assert set(target["labels"].tolist()) <= set(range(5))
 
 
@@ -137,13 +138,6 @@ def test_missing_root_and_wrong_class_count_are_reported(coco_root, tmp_path):
 
 
 # -- pipelines --------------------------------------------------------------------------------------
-def test_rescale_to_fit_is_mmdet_keep_ratio_resize():
-    image = np.zeros((480, 640, 3), np.uint8)
-    assert RescaleToFit([800], 1333)(image=image)["image"].shape[:2] == (800, 1067)
-    tall = np.zeros((1000, 200, 3), np.uint8)  # long side bounds it
-    assert RescaleToFit([800], 1333)(image=tall)["image"].shape[:2] == (1333, 267)
-
-
 def test_random_range_crop_stays_in_range():
     crop = RandomRangeCrop((384, 600))
     for _ in range(20):
@@ -216,8 +210,66 @@ def test_boxes_only_without_masks(coco_root):
 def test_predict_reads_a_folder_of_images(coco_root):
     dm = _datamodule(coco_root, predict_dir=str(coco_root / "val2017"), scale=(120, 96))
     dm.setup("predict")
-    images, metas = next(iter(dm.predict_dataloader()))
+    batch = next(iter(dm.predict_dataloader()))
     first = sorted((coco_root / "val2017").iterdir())[0]
-    assert metas[0]["file_name"] == first.name and metas[0]["image_id"] == int(first.stem)
-    assert metas[0]["orig_size"] == (64, 80) and images[0].shape == (3, 96, 120)  # resized ×1.5
-    assert dm.category_names[0] == "circle"
+    assert batch["path"][0] == str(first) and batch["index"][:2] == [0, 1]
+    assert batch["orig_size"][0] == (64, 80) and batch["image"][0].shape == (3, 96, 120)  # resized ×1.5
+    assert dm.info.class_names[0] == "circle" and dm.info.category_ids == tuple(sorted(COCO_CATEGORY_IDS))
+
+
+def test_predict_without_annotations_numbers_the_categories(coco_root, tmp_path):
+    root = tmp_path / "bare"
+    shutil.copytree(coco_root / "val2017", root / "val2017")
+    dm = _datamodule(root, num_classes=3)
+    dm.setup("predict")
+    assert dm.info.category_ids == (1, 2, 3) and dm.info.class_names == ("class_1", "class_2", "class_3")
+
+
+# -- bad records: one line naming the file and record ----------------------------------------------
+@pytest.mark.parametrize("polygon,count", [([1, 1, 5, 1], 4), ([1, 1, 5, 1, 5, 5, 1], 7)])
+def test_short_or_odd_polygon_names_the_annotation(broken_root, polygon, count):
+    def edit(data):
+        data["annotations"][2]["segmentation"] = [polygon]
+    _edit(broken_root, edit)
+    ann_id = _raw(broken_root)["annotations"][2]["id"]
+    message = rf"instances_train2017\.json: annotation {ann_id} \(annotations\[2\]\): polygon 0 has {count} coordinates"
+    with pytest.raises(DatasetError, match=message):
+        _datamodule(broken_root).setup("fit")
+
+
+@pytest.mark.parametrize("rle,problem", [
+    ({"size": [10, 10], "counts": [100]}, r"RLE size \[10, 10\] differs from its image's \[64, 80\]"),
+    ({"size": [64, 80], "counts": [5, 3]}, r"RLE has run lengths summing to 8; its 64×80 image needs 5120 pixels"),
+    ({"size": [64, 80], "counts": "0"}, r"RLE has run lengths summing to 0"),
+    ({"size": [64, 80], "counts": "zz~~"}, r"RLE has malformed counts"),
+])  # fmt: skip
+def test_rle_of_wrong_size_or_garbage_counts_names_the_annotation(broken_root, rle, problem):
+    def edit(data):
+        data["annotations"][1].update(segmentation=rle, iscrowd=1)
+    _edit(broken_root, edit)
+    ann_id = _raw(broken_root)["annotations"][1]["id"]
+    with pytest.raises(DatasetError, match=rf"instances_train2017\.json: annotation {ann_id} .*: {problem}"):
+        _datamodule(broken_root).setup("fit")
+
+
+def test_rle_string_runs_decode_pycocotools_strings():
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(0)
+    for shape in [(7, 5), (64, 80), (1, 1)]:
+        mask = (rng.random(shape) < 0.3).astype(np.uint8)
+        runs = rle_string_runs(mask_utils.encode(np.asfortranarray(mask))["counts"].decode())
+        flat = mask.ravel(order="F")  # COCO runs go down columns, starting with zeros
+        values = np.concatenate([np.full(n, k % 2) for k, n in enumerate(runs)])
+        assert sum(runs) == mask.size and np.array_equal(values, flat)
+
+
+@pytest.mark.parametrize("file_name", ["/etc/hostname", "../train2017/x.jpg", "a/../../x.jpg"])
+def test_file_name_outside_the_image_folder_is_refused(broken_root, file_name):
+    def edit(data):
+        data["images"][3]["file_name"] = file_name
+    _edit(broken_root, edit)
+    image_id = _raw(broken_root)["images"][3]["id"]
+    message = rf"instances_train2017\.json: images\[3\] \(id {image_id}\) has file_name '{re.escape(file_name)}'; it must be a relative path"
+    with pytest.raises(DatasetError, match=message):
+        _datamodule(broken_root).setup("fit")

@@ -23,7 +23,7 @@ def test_loads_train_and_val_with_class_names(synthetic_cls):
     dm.setup("fit")
     images, labels = next(iter(dm.train_dataloader()))
     assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.int64
-    assert dm.class_names == sorted(p.name for p in (synthetic_cls / "train").iterdir())
+    assert dm.info.class_names == tuple(sorted(p.name for p in (synthetic_cls / "train").iterdir()))
     assert len(dm.datasets["val"]) == 15
 
 
@@ -84,3 +84,47 @@ def test_global_batch_is_split_over_devices_or_refused(synthetic_cls):
 def test_sharded_eval_sampler_scores_each_sample_once():
     shards = [list(ShardedEvalSampler(10, 3, rank)) for rank in range(3)]
     assert sorted(sum(shards, [])) == list(range(10))
+
+
+def test_hidden_folders_and_files_are_no_classes_or_images(synthetic_cls, tmp_path):
+    root = _copy(synthetic_cls, tmp_path)
+    for split in ("train", "val"):
+        checkpoints = root / split / ".ipynb_checkpoints"
+        checkpoints.mkdir()
+        shutil.copy(next((root / split / "star").iterdir()), checkpoints / "copy.JPEG")
+        (root / split / "star" / "._resource_fork.JPEG").write_bytes(b"\x00\x05\x16\x07")  # macOS AppleDouble
+    dm = _dm(root)
+    dm.setup("fit")
+    assert len(dm.info.class_names) == 5 and ".ipynb_checkpoints" not in dm.datasets["train"].classes
+    assert not any(".ipynb_checkpoints" in path or "._" in path for path, _ in dm.datasets["train"].samples)
+
+
+def test_predict_batches_carry_paths_and_class_names(synthetic_cls):
+    dm = _dm(synthetic_cls, predict_dir=str(synthetic_cls / "val"))
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    expected = sorted(str(p) for p in (synthetic_cls / "val").rglob("*.JPEG"))[:4]
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["path"] == expected
+    assert dm.info.class_names == ("circle", "cross", "square", "star", "triangle")
+
+
+def test_predict_without_the_tree_numbers_the_classes(synthetic_cls, tmp_path):
+    folder = shutil.copytree(synthetic_cls / "val" / "star", tmp_path / "images")
+    dm = ImageNetDataModule(root=tmp_path / "absent", num_classes=3, batch_size=2, predict_dir=str(folder))
+    dm.setup("predict")
+    assert dm.info.class_names == ("0", "1", "2") and len(dm.datasets["predict"]) == 3
+
+
+def test_corrupt_image_mid_epoch_raises_one_line_naming_the_file_from_a_worker(synthetic_cls, tmp_path):
+    """The DatasetError a worker raises reaches the main process as a DatasetError, its message the file's line."""
+    root = _copy(synthetic_cls, tmp_path)
+    bad = sorted((root / "train" / "square").iterdir())[1]
+    bad.write_bytes(bad.read_bytes()[:40])  # a truncated JPEG, as an interrupted copy leaves it
+    dm = ImageNetDataModule(root=root, num_classes=5, image_size=32, batch_size=4, num_workers=1, pin_memory=False)
+    dm.setup("fit")
+    with pytest.raises(DatasetError) as caught:
+        for _ in dm.train_dataloader():
+            pass
+    message = str(caught.value)
+    assert message.startswith(f"{bad}: cannot be read as an image") and "\n" not in message
+    assert "Traceback" in caught.value.worker_traceback

@@ -1,0 +1,110 @@
+"""Image files: the one reader (RGB, 16-bit aware, errors naming the file), the suffixes, predict folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from .errors import DatasetError
+
+#: what counts as an image file (torchvision's list, also used by its ImageFolder).
+IMAGE_SUFFIXES: tuple[str, ...] = IMG_EXTENSIONS
+#: Pillow's modes for 16-bit single-channel images (16-bit RGB(A) PNGs already open as 8-bit RGB(A)).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def is_image_file(path: str | Path) -> bool:
+    """An image by its suffix, and not hidden: macOS ``._x.jpg`` resource forks are no images."""
+    name = os.path.basename(path)
+    return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+
+
+def read_rgb(path: str | Path) -> Image.Image:
+    """The image at ``path`` as 8-bit RGB; every failure is a :class:`DatasetError` naming the file.
+
+    16-bit grayscale keeps its top 8 bits (Pillow's own ``convert`` clips it to 255: all white);
+    32-bit integer and float images have no agreed 8-bit mapping and are refused.
+    """
+    try:
+        with Image.open(path) as image:
+            mode = image.mode
+            if mode in SIXTEEN_BIT_MODES:
+                top_bits = (np.asarray(image) >> 8).astype(np.uint8)  # (H, W)
+                return Image.fromarray(top_bits, mode="L").convert("RGB")
+            if mode not in ("I", "F"):
+                return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DatasetError(f"{path}: cannot be read as an image ({err})") from None
+    raise DatasetError(f"{path}: a 32-bit {'float' if mode == 'F' else 'integer'} image (Pillow mode {mode}); "
+                       "save it as 8- or 16-bit")  # fmt: skip
+
+
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """The image files in ``folder`` (and its non-hidden sub-folders when ``recursive``), sorted."""
+    if not recursive:
+        return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    files = []
+    for directory, subdirs, names in os.walk(folder):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        files += [Path(directory) / n for n in names if is_image_file(n)]
+    return sorted(files)
+
+
+class PredictFolder(Dataset):
+    """The images of a folder, for ``predict``.
+
+    Items: ``image`` (``transform`` of the RGB image, a torchvision-style callable on PIL images),
+    ``path`` (str), ``index`` (the position in the sorted listing) and ``orig_size`` (H, W).
+    """
+
+    def __init__(self, folder: str | Path, transform: Callable[[Image.Image], Any], recursive: bool = False) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise DatasetError(f"{self.folder}: folder of images to predict not found; set --data.init_args.predict_dir")
+        self.files = list_images(self.folder, recursive)
+        if not self.files:
+            raise DatasetError(f"{self.folder}: no images ({', '.join(IMAGE_SUFFIXES)}) to predict")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.files[index]
+        image = read_rgb(path)
+        return {"image": self.transform(image), "path": str(path), "index": index, "orig_size": (image.height, image.width)}
+
+
+class ImageOnly:
+    """An albumentations pipeline as a torchvision-style ``image → image`` callable (as
+    :class:`PredictFolder` takes it)."""
+
+    def __init__(self, pipeline: Callable[..., dict]) -> None:
+        self.pipeline = pipeline
+
+    def __call__(self, image: Image.Image) -> Any:
+        return self.pipeline(image=np.array(image))["image"]  # writable: torch refuses to wrap a read-only array
+
+
+def collate_lists(batch: list[dict[str, Any]]) -> dict[str, list]:
+    """Dict items → one dict of lists: images keep their own sizes (detectors take a list)."""
+    return {key: [item[key] for item in batch] for key in batch[0]}
+
+
+def collate_padded(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Dict items → one dict: ``image`` zero-padded (bottom/right) to the batch's largest and stacked
+    (B, 3, H, W), ``size`` each image's (h, w) before padding, every other key a list."""
+    out = collate_lists(batch)
+    images = out["image"]
+    height, width = max(x.shape[-2] for x in images), max(x.shape[-1] for x in images)
+    out["image"] = torch.stack([F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2])) for x in images])
+    out["size"] = [tuple(x.shape[-2:]) for x in images]
+    return out

@@ -1,0 +1,38 @@
+"""The keep-ratio resize shared by the detection and segmentation pipelines (albumentations lacks its rule)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import cv2
+from albumentations.augmentations.geometric.resize import MaxSizeTransform
+
+
+class KeepRatioResize(MaxSizeTransform):
+    """mmcv's ``Resize(keep_ratio=True)``: the largest scale with short side ≤ ``short`` and long side ≤ ``long_side``.
+
+    As in mmcv, the target is drawn one of two ways: with ``ratio_range`` (mmseg) the fit to
+    ``short_sides[0]`` is multiplied by a ratio uniform in it; otherwise ``short`` is one of
+    ``short_sides`` at random (mmdet's multi-scale training; no draw when there is one).
+    albumentations' ``LongestMaxSize``/``SmallestMaxSize`` bound one side only. Images are resized
+    bilinearly, masks by nearest neighbour.
+    """
+
+    def __init__(
+        self, long_side: int, short_sides: Sequence[int], ratio_range: Sequence[float] | None = None, p: float = 1.0
+    ) -> None:
+        super().__init__(max_size=long_side, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST, p=p)
+        self.long_side, self.short_sides = long_side, list(short_sides)
+        self.ratio_range = tuple(ratio_range) if ratio_range is not None else None
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        short, ratio = self.short_sides[0], 1.0
+        if self.ratio_range is not None:
+            ratio = self.py_random.uniform(*self.ratio_range)
+        elif len(self.short_sides) > 1:
+            short = self.py_random.choice(self.short_sides)
+        return {"scale": ratio * min(short / min(height, width), self.long_side / max(height, width))}
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("long_side", "short_sides", "ratio_range")
