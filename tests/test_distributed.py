@@ -1,7 +1,8 @@
 """Multi-process correctness without a cluster: resumable sampling, atomic checkpoints, a clear
 refusal of another config's checkpoint, resume after SIGTERM and after Slurm's requeue signal with
-no optimizer step lost or repeated, and 2-process DDP (gloo, CPU) evaluation equal to one process
-on a set whose size the world size does not divide. The real-Slurm test is tests/test_slurm.py.
+no optimizer step lost or repeated, a 2-process DDP (gloo, CPU) fit with EMA and gradient
+accumulation, and 2-process evaluation equal to one process on a set whose size the world size
+does not divide. The real-Slurm test is tests/test_slurm.py.
 """
 
 from __future__ import annotations
@@ -247,6 +248,28 @@ def test_slurm_requeue_signal_checkpoints_at_a_step_boundary_and_resumes_exactly
     assert_same_training_state(last_checkpoint(cli), reference)
 
 
+def run_on_two_processes(runs: list[list[str]], listing: Path) -> None:
+    """``main(args)`` for each of ``runs`` in one torchrun of 2 processes (DDP, gloo, CPU): this module's ``__main__``."""
+    listing.write_text(json.dumps(runs))
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+         "tests.test_distributed", str(listing)],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+
+
+# -- EMA under DDP and gradient accumulation -------------------------------------------------------
+def test_two_process_fit_with_ema_and_accumulation_updates_the_ema_once_per_optimizer_step(shapes, tmp_path):
+    # 20 images over 2 processes in micro-batches of 2: 5 per process and epoch, an optimizer step
+    # after the 2nd, 4th and (epoch end) 5th; 6 steps in 2 epochs.
+    args = fit_args(shapes, tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                    "--data.init_args.batch_size", "2", "--trainer.accumulate_grad_batches", "2")  # fmt: skip
+    run_on_two_processes([args], tmp_path / "fit.json")
+    checkpoint = torch.load(find_last_checkpoint(tmp_path), map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 6 and int(checkpoint["state_dict"]["ema.n_averaged"]) == 6
+
+
 # -- evaluation on 2 processes == 1 process --------------------------------------------------------
 # One torchrun with 2 processes (DDP, gloo, CPU) runs every task's `validate` (imports paid once);
 # the same commands on 1 process run here. Every evaluation set has an odd number of images, so the
@@ -319,13 +342,7 @@ def one_and_two(shapes, reference, tmp_path_factory) -> dict[str, tuple[Path, Pa
             results[task] = (out / task / "one", out / task / "two")
     two = [[*specs[task], *common_args(out / task / "two"), "--trainer.devices", "2", "--trainer.strategy", "ddp"]
            for task, dirs in results.items() if not isinstance(dirs, str)]  # fmt: skip
-    (out / "two.json").write_text(json.dumps(two))
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-         "tests.test_distributed", str(out / "two.json")],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    run_on_two_processes(two, out / "two.json")
     return results
 
 

@@ -11,12 +11,12 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
-from timm.utils import ModelEmaV3
 from torch import nn
 from torch.optim import AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..callbacks import check_checkpoint_compatible
+from ..ema import EMA
 from ..models import load_official
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ class BaseTask(LightningModule):
     Args:
         optimizer: optimizer class and arguments, given the parameter groups of :func:`param_groups`.
         scheduler: learning-rate schedule, stepped per optimizer step.
-        ema_decay: decay of the weight EMA (``None``: no EMA).
+        ema_decay: decay of the weight EMA per 512 training images, raised to (images per optimizer
+            step / 512) for each step, as the authors derive it (see :mod:`ravlt_pl.ema`); ``None``: no EMA.
         pretrained: checkpoint to initialise the backbone from (the authors' release or a state dict).
         report_dir: where ``validate``/``test``/``predict`` write reports (default: the run's log dir).
         weight_decay_exempt: parameters trained without weight decay: ``"1d"`` (every parameter of at
@@ -124,29 +125,23 @@ class BaseTask(LightningModule):
         super().__init__()
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.ema_decay = ema_decay
         self.pretrained = pretrained
         self._report_dir = report_dir
         self.weight_decay_exempt = (
             list(self.default_weight_decay_exempt) if weight_decay_exempt is None else list(weight_decay_exempt)
         )
-        self.ema: ModelEmaV3 | None = None
+        self.ema = EMA(ema_decay) if ema_decay else None
+
+    def configure_callbacks(self):
+        return [self.ema] if self.ema is not None else []
 
     # -- model helpers ----------------------------------------------------------------------------
-    def init_ema(self) -> None:
-        """Call at the end of the subclass ``__init__`` once ``self.model`` exists."""
-        if self.ema_decay:
-            self.ema = ModelEmaV3(self.model, decay=self.ema_decay)
 
     def load_pretrained_backbone(self, backbone: nn.Module, exclude: Sequence[str] = ("head.",)) -> None:
         """Initialise ``backbone`` from ``self.pretrained`` (the authors' checkpoint or a bare state dict)."""
         if self.pretrained:
             report = load_official(backbone, self.pretrained, exclude=exclude)
             log.info("pretrained backbone: %s", report)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.ema is not None:
-            self.ema.update(self.model, step=self.global_step)
 
     def flops_forward(self, images: torch.Tensor):
         """The inference forward whose FLOPs ``summary`` counts (one image, eval mode)."""
@@ -155,11 +150,15 @@ class BaseTask(LightningModule):
     # -- checkpoints ------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["task_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        if self.ema is not None:
+            self.ema.save_to(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another config with what differs, not a size-mismatch traceback."""
         trainer = self._trainer
         source = str(trainer.ckpt_path) if trainer is not None and trainer.ckpt_path else "checkpoint"
+        if self.ema is not None:
+            self.ema.load_from(checkpoint, source)
         check_checkpoint_compatible(self, checkpoint, source)
 
     # -- optimisation -----------------------------------------------------------------------------

@@ -45,7 +45,8 @@ class ClassificationTask(BaseTask):
         image_size: input side used by ``summary`` for FLOPs.
         optimizer: optimizer class and arguments (AdamW lr 5e-4 × batch/512, wd .05 in the recipe).
         scheduler: learning-rate schedule (per-step warmup + cosine in the recipe).
-        ema_decay: decay of the weight EMA evaluated alongside the model (``None``: no EMA).
+        ema_decay: decay per 512 images of the weight EMA evaluated alongside the model (DeiT's
+            0.99996; see :class:`~ravlt_pl.tasks.base.BaseTask`); ``None``: no EMA.
         pretrained: checkpoint to initialise from (authors' release or a state dict), head excluded.
         report_dir: where ``validate``/``test`` write reports (default: the run's log dir).
         weight_decay_exempt: parameters without weight decay; ``None`` is DeiT's ``["1d"]`` (norms and
@@ -93,7 +94,6 @@ class ClassificationTask(BaseTask):
         self.losses = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
         self.ema_metrics = nn.ModuleDict({stage: _accuracy_metrics(num_classes) for stage in ("val", "test")})
         self.confusion = MulticlassConfusionMatrix(num_classes)
-        self.init_ema()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -144,20 +144,24 @@ class ClassificationTask(BaseTask):
         self._epoch_end("test")
 
     def predict_step(self, batch, batch_idx):
-        images, indices = batch
-        probs = self.model(images).softmax(-1)
+        """Top-5 classes of each image; ``batch``: ``image`` (B, 3, H, W) and ``path`` (B file names)."""
+        probs = self.model(batch["image"]).softmax(-1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)
-        return {"index": indices, "classes": top.indices, "scores": top.values}
+        return {"path": batch["path"], "classes": top.indices, "scores": top.values}
+
+    def class_names(self) -> list[str]:
+        """The data module's class names (``info``), else the label numbers (no data module attached)."""
+        info = getattr(self.trainer.datamodule, "info", None) if self._trainer else None
+        return list(info.class_names) if info else [str(i) for i in range(self.hparams.num_classes)]
 
     def on_predict_epoch_end(self) -> None:
         """Write ``predictions.json`` (file → top-5 classes and probabilities) for the predict folder."""
-        data = self.trainer.datamodule
-        names = getattr(data, "class_names", None) or [str(i) for i in range(self.hparams.num_classes)]
+        names = self.class_names()
         rows = []
         for batch in self.trainer.predict_loop.predictions:
-            for i, classes, scores in zip(batch["index"], batch["classes"], batch["scores"]):
+            for path, classes, scores in zip(batch["path"], batch["classes"], batch["scores"]):
                 rows.append({
-                    "file": str(data.datasets["predict"].files[int(i)]),
+                    "file": path,
                     "top5": [{"class": names[c], "score": round(float(s), 5)} for c, s in zip(classes.tolist(), scores)],
                 })  # fmt: skip
         if self.trainer.is_global_zero:
@@ -166,7 +170,7 @@ class ClassificationTask(BaseTask):
 
     # -- report -----------------------------------------------------------------------------------
     def write_report(self, stage: str, values: dict[str, float], confusion: torch.Tensor) -> None:
-        names = getattr(self.trainer.datamodule, "class_names", None) or [str(i) for i in range(len(confusion))]
+        names = self.class_names()
         support = confusion.sum(1)
         per_class = (confusion.diag() / support.clamp(min=1)).tolist()
         data = {
