@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ravlt_pl.data.coco import COCODataModule, RandomRangeCrop, rle_string_runs, train_transform
+from ravlt_pl.data.coco import COCODataModule, RandomRangeCrop, train_transform
+from ravlt_pl.data.coco_files import rle_string_runs
 from ravlt_pl.data.errors import DatasetError
 from ravlt_pl.data.synthetic import COCO_CATEGORY_IDS, make_detection
 
@@ -93,7 +94,7 @@ def test_degenerate_boxes_are_dropped_and_counted(broken_root, caplog):
 
     _edit(broken_root, shrink)
     dm = _datamodule(broken_root)
-    with caplog.at_level(logging.WARNING, logger="ravlt_pl.data.coco"):
+    with caplog.at_level(logging.WARNING, logger="ravlt_pl.data.coco_files"):
         dm.setup("fit")
     assert "dropped 2 degenerate boxes" in caplog.text
     kept = {a["id"] for anns in dm.datasets["train"].split.annotations.values() for a in anns}

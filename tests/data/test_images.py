@@ -52,10 +52,10 @@ def test_hidden_files_are_no_images() -> None:
 
 
 def test_predict_folder_lists_images_sorted_and_skips_hidden(tmp_path: Path) -> None:
-    for name in ("b.png", "a.jpg", ".hidden.jpg", "notes.txt", "sub/c.png", ".cache/d.png"):
+    for name in ("b.png", "a.jpg", ".hidden.jpg", "sub/c.png", ".cache/d.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (6, 4)).save(tmp_path / name, format="PNG") if name.endswith((".png", ".jpg")) else None
-    (tmp_path / "notes.txt").write_text("x")
+        Image.new("RGB", (6, 4)).save(tmp_path / name, format="PNG")
+    (tmp_path / "notes.txt").write_text("not an image")
     flat = PredictFolder(tmp_path, lambda image: image.size)
     assert [p.name for p in flat.files] == ["a.jpg", "b.png"]
     deep = PredictFolder(tmp_path, lambda image: image.size, recursive=True)
