@@ -7,24 +7,23 @@ COCO-format result files are written at the end of ``validate``/``test``/``predi
 
 from __future__ import annotations
 
-import json
+from functools import partial
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
-from PIL import Image
 from pycocotools import mask as mask_utils
+from pycocotools.cocoeval import Params
 from torch import Tensor, nn
 from torch.optim import AdamW
 from torchmetrics.detection import MeanAveragePrecision
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from .. import reports
-from ..models.detection import HAS_MASKS, LABEL_OFFSET, DetectorName, build_detector, dummy_forward, rescale_detections
+from ..models.detection import RAVLTMaskRCNN, dummy_forward, rescale_detections
+from . import detection_report
 from .base import BaseTask, WarmupSchedule
 
 #: torchmetrics key suffix → COCO's name, in COCOeval's order (the 12 numbers of ``summarize()``)
@@ -32,6 +31,9 @@ COCO_METRICS = {
     "map": "AP", "map_50": "AP50", "map_75": "AP75", "map_small": "APs", "map_medium": "APm", "map_large": "APl",
     "mar_1": "AR1", "mar_10": "AR10", "mar_100": "AR100", "mar_small": "ARs", "mar_medium": "ARm", "mar_large": "ARl",
 }  # fmt: skip
+# COCOeval's float64 thresholds; torchmetrics' defaults come from a float32 linspace and move AP by up to ~2e-3
+COCO_IOU_THRESHOLDS: list[float] = Params(iouType="bbox").iouThrs.tolist()  # .50:.05:.95
+COCO_RECALL_THRESHOLDS: list[float] = Params(iouType="bbox").recThrs.tolist()  # 0:.01:1
 Headline = Literal["bbox_map", "bbox_map_50", "segm_map", "segm_map_50"]
 
 
@@ -40,25 +42,20 @@ class DetectionTask(BaseTask):
 
     Args:
         num_classes: object classes, without background (linked from the data module).
-        detector: ``retinanet``, ``maskrcnn`` or ``cascade_maskrcnn``.
-        variant: published RAVLT variant (``ravlt_t``/``s``/``b``/``l``).
-        backbone_overrides: RAVLT constructor arguments replacing the variant's (e.g. a tiny model).
-        drop_path_rate: stochastic depth; ``None`` keeps the variant's published rate (as the released configs).
-        fpn_channels: FPN width (256 published).
-        representation_size: box head fc width (1024 published).
-        mask_channels: mask head width (256 published).
-        anchor_scale: multiplies torchvision's anchor sizes (1 published; 0.5 for objects half the COCO size).
-        detector_kwargs: further torchvision detector arguments (``box_batch_size_per_image``,
-            ``rpn_post_nms_top_n_train``, ``box_score_thresh``, ...; Cascade: ``class_agnostic``).
+        detector: the detector class, called with ``num_classes``; a config names it by ``class_path``
+            with its ``init_args`` (RAVLT variant, FPN and head widths, torchvision's arguments):
+            :class:`~ravlt_pl.models.detection.RAVLTRetinaNet`, :class:`~ravlt_pl.models.detection.RAVLTMaskRCNN`
+            or :class:`~ravlt_pl.models.detection.RAVLTCascadeMaskRCNN`.
         headline: metric named as the report's headline and monitored for the best checkpoint.
         draw_score_threshold: detections drawn in report/predict images score at least this.
         num_drawn_images: validation images drawn into the report figure.
-        optimizer: optimizer (the recipe: AdamW lr 1e-4, weight decay .05; no decay on norms/biases).
+        optimizer: optimizer (the recipes: AdamW lr 1e-4, weight decay .05 for the R-CNNs, 1e-4 for RetinaNet).
         scheduler: learning-rate schedule (the recipe: 500 linear warmup steps, ×0.1 at epochs 8, 11 / 27, 33).
         pretrained: backbone checkpoint (ours or the authors' classification / mmdet release).
         report_dir: where reports go (default: the run's log dir).
         weight_decay_exempt: parameters without weight decay (``"1d"`` and/or name substrings, see
-            :class:`~ravlt_pl.tasks.base.BaseTask`); ``None`` decays every parameter.
+            :class:`~ravlt_pl.tasks.base.BaseTask`); ``None`` decays every parameter. The configs set
+            the authors' ``paramwise_cfg`` per detector.
     """
 
     mode = "max"
@@ -67,15 +64,7 @@ class DetectionTask(BaseTask):
     def __init__(
         self,
         num_classes: int = 80,
-        detector: DetectorName = "maskrcnn",
-        variant: str = "ravlt_s",
-        backbone_overrides: dict | None = None,
-        drop_path_rate: float | None = None,
-        fpn_channels: int = 256,
-        representation_size: int = 1024,
-        mask_channels: int = 256,
-        anchor_scale: float = 1.0,
-        detector_kwargs: dict | None = None,
+        detector: Callable[[int], nn.Module] = RAVLTMaskRCNN,
         headline: Headline = "bbox_map",
         draw_score_threshold: float = 0.3,
         num_drawn_images: int = 4,
@@ -87,24 +76,19 @@ class DetectionTask(BaseTask):
     ) -> None:
         super().__init__(optimizer, scheduler, None, pretrained, report_dir, weight_decay_exempt)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.model = build_detector(
-            detector, num_classes, variant, backbone_overrides, drop_path_rate,
-            fpn_channels, representation_size, mask_channels, anchor_scale, **(detector_kwargs or {}),
-        )  # fmt: skip
+        if callable(self.hparams.detector):  # built in Python, not from a config: checkpoints keep its name only
+            self.hparams.detector = class_spec(detector)
+        self.model = detector(num_classes)
         self.load_pretrained_backbone(self.model.backbone.body)
-        self.label_offset = LABEL_OFFSET[detector]
-        self.iou_types = ("bbox", "segm") if HAS_MASKS[detector] else ("bbox",)
+        self.label_offset: int = self.model.label_offset
+        self.iou_types: tuple[str, ...] = tuple(self.model.iou_types)
         if headline.split("_")[0] not in self.iou_types:
-            raise ValueError(f"headline {headline!r} needs masks; {detector} predicts boxes only")
+            raise ValueError(f"headline {headline!r} needs masks; {type(self.model).__name__} predicts boxes only")
         self.headline = headline
         self.monitor = f"val/{headline}"
-        # synced by gather_compute, not by torchmetrics (which needs equal image counts per process)
-        self.metrics = nn.ModuleDict({
-            stage: MeanAveragePrecision(iou_type=self.iou_types, class_metrics=True, sync_on_compute=False)
-            for stage in ("val", "test")
-        })  # fmt: skip
+        self.metrics = nn.ModuleDict({stage: coco_metric(self.iou_types) for stage in ("val", "test")})
         self._results: list[dict] = []  # COCO-format detections of the epoch being reported
-        self._drawn: list[tuple[Tensor, dict]] = []
+        self._drawn: list[tuple[Tensor, dict, dict]] = []  # (image, ground truth, detections) to draw
 
     # -- inference ---------------------------------------------------------------------------------
     def forward(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
@@ -150,15 +134,16 @@ class DetectionTask(BaseTask):
         detections, original = self.detect(images, [t["orig_size"] for t in targets])
         self.metrics[stage].update(*metric_inputs(original, targets))
         if self._reporting():
-            self._collect(images, detections, original, [t["image_id"] for t in targets])
+            self._collect(images, detections, original, targets)
 
-    def _collect(self, images, detections, original, image_ids) -> None:
+    def _collect(self, images, detections, original, targets) -> None:
         category_ids = self.category_ids()
-        for image, det, orig, image_id in zip(images, detections, original, image_ids):
-            self._results += coco_results(orig, int(image_id), category_ids)
+        for image, det, orig, target in zip(images, detections, original, targets):
+            self._results += coco_results(orig, int(target["image_id"]), category_ids)
             if len(self._drawn) < self.hparams.num_drawn_images:  # only what is drawn: masks are large
                 keep = det["scores"] >= self.hparams.draw_score_threshold
-                self._drawn.append((image.cpu(), {k: v[keep].cpu() for k, v in det.items()}))
+                truth = detection_report.truth_at_input_size(target, tuple(image.shape[-2:]))
+                self._drawn.append((image.cpu(), truth, {k: v[keep].cpu() for k, v in det.items()}))
 
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, "val")
@@ -191,15 +176,17 @@ class DetectionTask(BaseTask):
 
         Masks go (as RLE) to ``predictions_segm.json`` at the epoch end, drawn images to ``<report dir>/drawn/``.
         """
-        images, metas = batch
-        detections, original = self.detect(images, [m["orig_size"] for m in metas])
+        images = batch["image"]  # a list of (3, h, w) uint8, with their ``path``, ``index`` and ``orig_size``
+        detections, original = self.detect(images, batch["orig_size"])
         category_ids, names = self.category_ids(), self.category_names()
         out = []
-        for image, det, orig, meta in zip(images, detections, original, metas):
-            self._results += coco_results(orig, int(meta["image_id"]), category_ids)
-            drawn = draw_detections(image.cpu(), det, names, self.hparams.draw_score_threshold)
-            save_png(self.report_dir() / "drawn" / f"{Path(meta['file_name']).stem}.png", drawn)
-            out.append({"image_id": meta["image_id"], "file_name": meta["file_name"],
+        for image, det, orig, path, index in zip(images, detections, original, batch["path"], batch["index"]):
+            path = Path(path)
+            image_id = int(path.stem) if path.stem.isdigit() else int(index)  # COCO names files by image id
+            self._results += coco_results(orig, image_id, category_ids)
+            drawn = detection_report.draw_detections(image.cpu(), det, names, self.hparams.draw_score_threshold)
+            detection_report.save_drawn(self.report_dir() / "drawn" / f"{path.stem}.png", drawn)
+            out.append({"image_id": image_id, "path": str(path), "file_name": path.name,
                         **{k: orig[k].cpu() for k in ("boxes", "scores", "labels")}})  # fmt: skip
         return out
 
@@ -207,57 +194,51 @@ class DetectionTask(BaseTask):
         results = gather(self._results)
         self._results = []
         if self.trainer.is_global_zero:
-            paths = self.write_results(self.report_dir(), results)
+            paths = detection_report.write_results(self.report_dir(), results, self.iou_types)
             print(f"{len(results)} detections written to {', '.join(map(str, paths))}; "
                   f"drawn images in {self.report_dir() / 'drawn'}")  # fmt: skip
 
     # -- reports -----------------------------------------------------------------------------------
     def category_ids(self) -> list[int]:
         """Label → dataset category id (the data module's mapping, else ``1..num_classes``)."""
-        ids = getattr(self.trainer.datamodule, "category_ids", None) if self._trainer else None
+        info = getattr(self.trainer.datamodule, "info", None) if self._trainer else None
+        ids = info.category_ids if info else None
         return list(ids) if ids else list(range(1, self.hparams.num_classes + 1))
 
     def category_names(self) -> list[str]:
-        names = getattr(self.trainer.datamodule, "category_names", None) if self._trainer else None
-        return list(names) if names else [str(i) for i in self.category_ids()]
-
-    def write_results(self, out_dir: Path, results: list[dict]) -> list[Path]:
-        """``predictions_bbox.json`` (and ``predictions_segm.json``) in the COCO results format, compact JSON."""
-        paths = []
-        for iou in self.iou_types:
-            keys = ("image_id", "category_id", "bbox" if iou == "bbox" else "segmentation", "score")
-            text = json.dumps([{k: r[k] for k in keys} for r in results])
-            paths.append(reports.write_text(out_dir / f"predictions_{iou}.json", text))
-        return paths
+        info = getattr(self.trainer.datamodule, "info", None) if self._trainer else None
+        return list(info.class_names) if info else [str(i) for i in self.category_ids()]
 
     def write_report(self, stage: str, values: dict[str, float], computed: dict, results: list[dict]) -> None:
-        out_dir = self.report_dir()
+        """The report of this evaluation (rank 0; see :mod:`.detection_report`)."""
         names = self.category_names()
-        per_category = {iou: per_class_ap(computed, iou, names) for iou in self.iou_types}
-        data = {
-            "headline": {"name": self.headline, "value": values[self.headline]},
-            "metrics": {iou: {COCO_METRICS[k]: values[f"{iou}_{k}"] for k in COCO_METRICS} for iou in self.iou_types},
-            "per_category_ap": per_category,
-            "num_detections": len(results),
-            "predictions": [p.name for p in self.write_results(out_dir, results)],
-        }
-        md = f"# Detection report ({stage}, {self.hparams.detector}, {self.hparams.variant})\n\n"
-        rows = [(iou, *data["metrics"][iou].values()) for iou in self.iou_types]
-        md += reports.markdown_table(["type", *COCO_METRICS.values()], rows, ".3f")
-        md += "\n## AP per category\n\n" + reports.markdown_table(
-            ["category", *(f"{iou} AP" for iou in self.iou_types)],
-            [(n, *(per_category[iou].get(n, float("nan")) for iou in self.iou_types)) for n in per_category["bbox"]],
-            ".3f",
-        )
-        md += f"\nCOCO-format results: {', '.join(data['predictions'])}.\n"
-        threshold = self.hparams.draw_score_threshold
-        figures = {"predictions": drawn_figure(self._drawn, names, threshold)} if self._drawn else {}
-        paths = reports.write_report(out_dir, f"detection_{stage}", data, md, figures)
-        written = ", ".join(map(str, paths.values()))
-        print(f"report: {self.headline} {data['headline']['value']:.4f}; written to {written}")
+        detection_report.write_report(
+            self.report_dir(), stage,
+            model=f"{type(self.model).__name__} ({self.model.variant})",
+            weights=detection_report.weights_source(self.trainer),
+            headline=(self.headline, values[self.headline]),
+            metrics={iou: {name: values[f"{iou}_{k}"] for k, name in COCO_METRICS.items()} for iou in self.iou_types},
+            per_category={iou: per_class_ap(computed, iou, names) for iou in self.iou_types},
+            results=results, drawn=self._drawn, names=names, draw_threshold=self.hparams.draw_score_threshold,
+        )  # fmt: skip
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def class_spec(detector: Callable) -> dict:
+    """A detector class (or a ``functools.partial`` of one) as a config names it: ``class_path``, ``init_args``."""
+    cls, init_args = (detector.func, dict(detector.keywords)) if isinstance(detector, partial) else (detector, {})
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
+def coco_metric(iou_types: Sequence[str]) -> MeanAveragePrecision:
+    """COCOeval's AP/AR, per class too, with COCOeval's own float64 IoU and recall thresholds.
+
+    Synced by :func:`gather_compute`, not by torchmetrics (which needs equal image counts per process).
+    """
+    return MeanAveragePrecision(iou_type=tuple(iou_types), class_metrics=True, sync_on_compute=False,
+                                iou_thresholds=COCO_IOU_THRESHOLDS, rec_thresholds=COCO_RECALL_THRESHOLDS)  # fmt: skip
+
+
 def metric_inputs(detections: list[dict], targets: list[dict]) -> tuple[list[dict], list[dict]]:
     """``MeanAveragePrecision.update`` arguments from detections and eval targets, both in original pixels.
 
@@ -319,48 +300,3 @@ def per_class_ap(computed: dict, iou: str, names: Sequence[str]) -> dict[str, fl
     classes = computed["classes"].reshape(-1).tolist()
     aps = computed[f"{iou}_map_per_class"].reshape(-1).tolist()
     return {names[c]: ap for c, ap in zip(classes, aps) if 0 <= c < len(names) and ap >= 0}
-
-
-def draw_detections(image: Tensor, det: dict[str, Tensor], names: Sequence[str], threshold: float) -> Tensor:
-    """uint8 (3, H, W) image with the detections scoring ≥ ``threshold`` drawn (boxes, labels, masks)."""
-    keep = det["scores"] >= threshold
-    labels = det["labels"][keep].tolist()
-    colours = [_colour(c) for c in labels]
-    if "masks" in det and keep.any():
-        masks = det["masks"][keep].reshape(-1, *image.shape[-2:]) > 0.5
-        image = draw_segmentation_masks(image, masks, alpha=0.45, colors=colours)
-    scores = det["scores"][keep].tolist()
-    captions = [f"{names[c] if 0 <= c < len(names) else c} {s:.2f}" for c, s in zip(labels, scores)]
-    return draw_bounding_boxes(image, det["boxes"][keep], captions, colors=colours, width=2)
-
-
-def _colour(label: int) -> tuple[int, int, int]:
-    rng = np.random.default_rng(label)
-    return tuple(int(v) for v in rng.integers(64, 256, size=3))
-
-
-def drawn_figure(drawn: list[tuple[Tensor, dict]], names: Sequence[str], threshold: float):
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(drawn), figsize=(4.5 * len(drawn), 4.5), squeeze=False)
-    for ax, (image, det) in zip(axes[0], drawn):
-        ax.imshow(draw_detections(*enlarged(image, det), names, threshold).permute(1, 2, 0).numpy())
-        ax.set_title(f"{int((det['scores'] >= threshold).sum())} detections ≥ {threshold:.2f}")
-        ax.axis("off")
-    return fig
-
-
-def enlarged(image: Tensor, det: dict[str, Tensor], min_side: int = 480) -> tuple[Tensor, dict[str, Tensor]]:
-    """Small images (the synthetic sets) scaled up by an integer factor, so drawn labels stay legible."""
-    factor = -(-min_side // max(image.shape[-2:]))  # ceil
-    if factor <= 1:
-        return image, det
-    det = dict(det, boxes=det["boxes"] * factor)
-    if "masks" in det:
-        det["masks"] = det["masks"].repeat_interleave(factor, -2).repeat_interleave(factor, -1)
-    return image.repeat_interleave(factor, -2).repeat_interleave(factor, -1), det
-
-
-def save_png(path: Path, image: Tensor) -> Path:
-    pixels = image.permute(1, 2, 0).numpy()  # (H, W, 3) uint8
-    return reports.atomic_write(path, lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))

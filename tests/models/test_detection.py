@@ -10,8 +10,8 @@ from torchvision.ops import MultiScaleRoIAlign, generalized_box_iou_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ravlt_pl.models.detection import (
-    CascadeBoxPredictor, CascadeMaskRCNN, CascadeRoIHeads, PresizedTransform, build_detector, conv_fc_box_head,
-    anchors, dummy_forward, ravlt_fpn, rescale_detections,
+    CascadeBoxPredictor, CascadeMaskRCNN, CascadeRoIHeads, PresizedTransform, RAVLTCascadeMaskRCNN, RAVLTMaskRCNN,
+    RAVLTRetinaNet, anchors, conv_fc_box_head, dummy_forward, ravlt_fpn, rescale_detections,
 )  # fmt: skip
 from tests.conftest import TINY
 
@@ -20,12 +20,19 @@ SMALL_HEADS = dict(fpn_channels=16, representation_size=32, mask_channels=8)
 FEW_ROIS = dict(rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=100,
                 rpn_post_nms_top_n_test=50, box_batch_size_per_image=32)  # fmt: skip
 
-# RAVLT.md §3: published parameter counts (M) at 80 classes
+DETECTORS = {"retinanet": RAVLTRetinaNet, "maskrcnn": RAVLTMaskRCNN, "cascade_maskrcnn": RAVLTCascadeMaskRCNN}
+# the paper's parameter counts (M) at 80 classes
 PUBLISHED_PARAMS = {
     **{("retinanet", f"ravlt_{v}"): m for v, m in zip("tsbl", (24, 34, 57, 104))},
     **{("maskrcnn", f"ravlt_{v}"): m for v, m in zip("tsbl", (33, 44, 67, 114))},
     **{("cascade_maskrcnn", f"ravlt_{v}"): m for v, m in zip("sbl", (82, 105, 152))},
 }
+
+
+def tiny(detector: str, **kwargs) -> nn.Module:
+    """A detector on the tiny test backbone with narrow heads (R-CNNs: few proposals and RoIs too)."""
+    small = {"fpn_channels": 16} if detector == "retinanet" else dict(SMALL_HEADS, **FEW_ROIS)
+    return DETECTORS[detector](5, "ravlt_t", TINY, **{**small, **kwargs})
 
 
 def background_outputs(model: nn.Module) -> int:
@@ -43,7 +50,7 @@ def background_outputs(model: nn.Module) -> int:
 @pytest.mark.parametrize(("detector", "variant"), list(PUBLISHED_PARAMS))
 def test_full_size_parameter_count_matches_published(detector, variant):
     with torch.device("meta"):  # shapes only: no memory, no init cost
-        model = build_detector(detector, 80, variant)
+        model = DETECTORS[detector](80, variant)
     params = sum(p.numel() for p in model.parameters())
     # Mask R-CNN T lands at 33.503 M with torchvision's unused background outputs, 33.498 M without
     published_layout = (params - background_outputs(model)) / 1e6
@@ -74,7 +81,7 @@ def test_retinanet_levels_p3_to_p7_with_p6_from_c5():
 @pytest.mark.parametrize("detector", ["retinanet", "maskrcnn", "cascade_maskrcnn"])
 def test_detector_trains_and_detects_at_input_size(detector):
     torch.manual_seed(0)
-    model = build_detector(detector, 5, "ravlt_t", TINY, **SMALL_HEADS, **({} if detector == "retinanet" else FEW_ROIS))
+    model = tiny(detector)
     assert isinstance(model.transform, PresizedTransform)
     images = [torch.rand(3, 64, 80), torch.rand(3, 48, 64)]
     masks = torch.zeros(2, 64, 80, dtype=torch.uint8)
@@ -116,7 +123,7 @@ def test_rescale_detections_maps_boxes_and_masks_to_original_size():
 
 @pytest.mark.parametrize("detector", ["retinanet", "maskrcnn", "cascade_maskrcnn"])
 def test_dummy_forward_runs_every_head(detector):
-    model = build_detector(detector, 5, "ravlt_t", TINY, **SMALL_HEADS).eval()
+    model = tiny(detector).eval()
     with torch.no_grad():
         outputs = dummy_forward(model, torch.rand(1, 3, 64, 64), num_rois=8, num_mask_rois=4)
     if detector == "cascade_maskrcnn":  # rpn (2) + 3 stages × (scores, deltas, masks)
@@ -144,7 +151,7 @@ def test_cascade_predictor_regresses_per_class_or_one_box():
 
 
 def test_cascade_mask_rcnn_has_published_stage_settings():
-    model = build_detector("cascade_maskrcnn", 5, "ravlt_t", TINY, **SMALL_HEADS)
+    model = tiny("cascade_maskrcnn")
     heads = model.roi_heads
     assert isinstance(model, CascadeMaskRCNN) and isinstance(heads, CascadeRoIHeads)
     assert [s.proposal_matcher.high_threshold for s in heads.stages] == [0.5, 0.6, 0.7]
@@ -225,18 +232,27 @@ def test_cascade_trains_on_an_image_without_objects():
     assert all(losses[f"loss_box_giou_s{i}"] == 0 for i in range(3))
 
 
-def test_builders_return_torchvision_detectors():
-    assert isinstance(build_detector("retinanet", 5, "ravlt_t", TINY, **SMALL_HEADS), RetinaNet)
-    model = build_detector("maskrcnn", 5, "ravlt_t", TINY, **SMALL_HEADS)
-    assert isinstance(model, MaskRCNN)
-    assert model.roi_heads.box_predictor.cls_score.out_features == 6  # + background
-    with pytest.raises(ValueError, match="unknown detector"):
-        build_detector("yolo", 5)
+def test_detectors_are_torchvision_detectors_with_their_label_offset_and_iou_types():
+    retina, mask, cascade = tiny("retinanet"), tiny("maskrcnn"), tiny("cascade_maskrcnn")
+    assert isinstance(retina, RetinaNet) and isinstance(mask, MaskRCNN) and isinstance(cascade, CascadeMaskRCNN)
+    assert (retina.label_offset, retina.iou_types) == (0, ("bbox",))
+    assert retina.head.classification_head.num_classes == 5  # no background class
+    for model in (mask, cascade):
+        assert (model.label_offset, model.iou_types) == (1, ("bbox", "segm"))
+    assert mask.roi_heads.box_predictor.cls_score.out_features == 6  # + background
+    assert all(isinstance(m.transform, PresizedTransform) for m in (retina, mask, cascade))
+
+
+def test_training_proposals_per_image_follow_the_published_configs():
+    # mmdet rpn_proposal max_per_img: 1000 in the Mask R-CNN configs, 2000 in the Cascade ones
+    assert RAVLTMaskRCNN(5, "ravlt_t", TINY, **SMALL_HEADS).rpn._post_nms_top_n["training"] == 1000
+    assert RAVLTCascadeMaskRCNN(5, "ravlt_t", TINY, **SMALL_HEADS).rpn._post_nms_top_n["training"] == 2000
+    assert RAVLTRetinaNet(5, "ravlt_t", TINY, fpn_channels=16).detections_per_img == 100
 
 
 def test_anchors_are_torchvisions_defaults_times_the_scale():
-    for detector, default in (("retinanet", retinanet._default_anchorgen()), ("maskrcnn", faster_rcnn._default_anchorgen())):
-        assert anchors(detector).sizes == tuple(tuple(float(v) for v in level) for level in default.sizes)
-        assert anchors(detector, 0.5).sizes[0][0] == 16.0
-    model = build_detector("cascade_maskrcnn", 5, "ravlt_t", TINY, **SMALL_HEADS, anchor_scale=0.5)
-    assert model.rpn.anchor_generator.sizes[0] == (16.0,)
+    for octaves, default in ((3, retinanet._default_anchorgen()), (1, faster_rcnn._default_anchorgen())):
+        assert anchors(octaves=octaves).sizes == tuple(tuple(float(v) for v in level) for level in default.sizes)
+        assert anchors(0.5, octaves).sizes[0][0] == 16.0
+    assert tiny("cascade_maskrcnn", anchor_scale=0.5).rpn.anchor_generator.sizes[0] == (16.0,)
+    assert tiny("retinanet", anchor_scale=0.5).anchor_generator.sizes[0] == (16.0, 20.0, 25.0)

@@ -1,14 +1,13 @@
-"""Detection on RAVLT with torchvision: FPN adapter, RetinaNet / Mask R-CNN builders, Cascade RoI heads."""
+"""Detection on RAVLT with torchvision: FPN adapter, RetinaNet / Mask R-CNN / Cascade Mask R-CNN, cascade RoI heads."""
 
 from .backbone import RAVLTWithFPN, ravlt_fpn
 from .cascade import CascadeBoxPredictor, CascadeMaskRCNN, CascadeRoIHeads, conv_fc_box_head
 from .detectors import (
-    DETECTORS, HAS_MASKS, LABEL_OFFSET, DetectorName, PresizedTransform, anchors, build_detector, dummy_forward,
-    rescale_detections,
-)
+    PresizedTransform, RAVLTCascadeMaskRCNN, RAVLTMaskRCNN, RAVLTRetinaNet, anchors, dummy_forward, rescale_detections,
+)  # fmt: skip
 
 __all__ = [
     "RAVLTWithFPN", "ravlt_fpn", "CascadeBoxPredictor", "CascadeMaskRCNN", "CascadeRoIHeads", "conv_fc_box_head",
-    "DETECTORS", "HAS_MASKS", "LABEL_OFFSET", "DetectorName", "PresizedTransform", "build_detector",
-    "anchors", "dummy_forward", "rescale_detections",
+    "PresizedTransform", "RAVLTRetinaNet", "RAVLTMaskRCNN", "RAVLTCascadeMaskRCNN", "anchors", "dummy_forward",
+    "rescale_detections",
 ]  # fmt: skip

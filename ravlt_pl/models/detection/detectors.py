@@ -1,17 +1,23 @@
-"""RetinaNet, Mask R-CNN and Cascade Mask R-CNN on RAVLT, assembled from torchvision.
+"""RetinaNet, Mask R-CNN and Cascade Mask R-CNN on RAVLT: one class each, torchvision's detector underneath.
 
-Conventions shared by the three builders:
+Each detector is one class whose constructor builds the whole network from a RAVLT variant, like
+torchvision's ``retinanet_resnet50_fpn``: ``RAVLTMaskRCNN(80, "ravlt_s")``. A config names it by
+``class_path`` (``DetectionTask``'s ``detector`` argument) and sets its ``init_args``; torchvision's
+own constructor arguments (``box_batch_size_per_image``, ``score_thresh``, ...) pass through
+``**kwargs``, and jsonargparse lists them in ``--help``. A fourth detector is one more class here
+with the two attributes the task reads:
 
-- ``num_classes`` counts object classes only. torchvision's R-CNNs reserve label 0 for the
-  background, RetinaNet does not; :data:`LABEL_OFFSET` says what to add to a 0-based class index.
-- Images arrive already resized by the data pipeline (the published recipes resize, flip and crop
-  there), so the detector's transform only normalises and pads (:class:`PresizedTransform`);
-  :func:`rescale_detections` maps outputs back to the original image sizes.
+- ``label_offset``: what to add to a 0-based class index to get the detector's label.
+  torchvision's R-CNNs reserve label 0 for the background, RetinaNet does not;
+- ``iou_types``: what it predicts, ``("bbox",)`` or ``("bbox", "segm")`` (COCO's IoU types).
+
+``num_classes`` counts object classes only, without background. Images arrive already resized by
+the data pipeline (the published recipes resize, flip and crop there), so every detector's
+transform only normalises and pads (:class:`PresizedTransform`); :func:`rescale_detections` maps
+outputs back to the original image sizes.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +31,6 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 
 from .backbone import ravlt_fpn
 from .cascade import CascadeMaskRCNN, CascadeRoIHeads
-
-DetectorName = Literal["retinanet", "maskrcnn", "cascade_maskrcnn"]
-DETECTORS: tuple[str, ...] = ("retinanet", "maskrcnn", "cascade_maskrcnn")
-LABEL_OFFSET = {"retinanet": 0, "maskrcnn": 1, "cascade_maskrcnn": 1}
-HAS_MASKS = {"retinanet": False, "maskrcnn": True, "cascade_maskrcnn": True}
 
 
 class PresizedTransform(GeneralizedRCNNTransform):
@@ -47,68 +48,133 @@ class PresizedTransform(GeneralizedRCNNTransform):
                 f"pad to ×{self.size_divisible}, no resize)")  # fmt: skip
 
 
-def build_detector(
-    detector: DetectorName,
-    num_classes: int,
-    variant: str = "ravlt_s",
-    backbone_overrides: dict | None = None,
-    drop_path_rate: float | None = None,
-    fpn_channels: int = 256,
-    representation_size: int = 1024,
-    mask_channels: int = 256,
-    anchor_scale: float = 1.0,
-    **kwargs,
-) -> nn.Module:
-    """A torchvision detector around a RAVLT variant with a ``fpn_channels``-wide FPN.
+class RAVLTRetinaNet(RetinaNet):
+    """RetinaNet on RAVLT: FPN on C3–C5 with P6/P7 from C5 (mmdet ``add_extra_convs='on_input'``), focal loss.
 
     Args:
-        detector: ``retinanet`` (FPN on C3–C5 + P6/P7 from C5), ``maskrcnn`` (FPN on C2–C5 + P6
-            max-pool) or ``cascade_maskrcnn`` (same FPN, 3 cascade stages).
-        num_classes: object classes, without background.
-        variant, backbone_overrides, drop_path_rate: the RAVLT backbone (see ``build_backbone``).
-        fpn_channels, representation_size, mask_channels: widths of the FPN, the box head's fc
-            layers and the mask head (256/1024/256 published; smaller for a CPU demo).
+        num_classes: object classes (no background class: RetinaNet's labels are 0-based).
+        variant, backbone_overrides, drop_path_rate: the RAVLT backbone (see ``build_backbone``);
+            ``drop_path_rate=None`` keeps the variant's published rate.
+        fpn_channels: FPN width (256 published; smaller for a CPU demo).
         anchor_scale: multiplies every anchor size (torchvision's defaults, 1 published); 0.5 suits
             images whose objects are half the usual size in pixels.
-        kwargs: further arguments of torchvision's ``RetinaNet`` / ``MaskRCNN`` (or
-            :class:`CascadeMaskRCNN`), e.g. ``box_batch_size_per_image``.
+        detections_per_img: detections kept per image (mmdet ``max_per_img=100``; torchvision keeps 300).
+        kwargs: further arguments of torchvision's ``RetinaNet`` (``score_thresh``, ``nms_thresh``, ...).
     """
-    if detector == "retinanet":
+
+    label_offset = 0
+    iou_types = ("bbox",)
+
+    def __init__(
+        self,
+        num_classes: int,
+        variant: str = "ravlt_s",
+        backbone_overrides: dict | None = None,
+        drop_path_rate: float | None = None,
+        fpn_channels: int = 256,
+        anchor_scale: float = 1.0,
+        detections_per_img: int = 100,
+        **kwargs,
+    ) -> None:
         backbone = ravlt_fpn(variant, backbone_overrides, (1, 2, 3), fpn_channels, "p6p7", drop_path_rate)
-        model = RetinaNet(backbone, num_classes, anchor_generator=anchors(detector, anchor_scale),
-                          **{"detections_per_img": 100, **kwargs})  # fmt: skip
-    elif detector == "maskrcnn":
+        super().__init__(backbone, num_classes, anchor_generator=anchors(anchor_scale, octaves=3),
+                         detections_per_img=detections_per_img, **kwargs)  # fmt: skip
+        self.transform = PresizedTransform()
+        self.variant = variant
+
+
+class RAVLTMaskRCNN(MaskRCNN):
+    """Mask R-CNN on RAVLT: FPN on C2–C5 with a P6 max-pool, torchvision's RPN, 2-fc box head, 4-conv mask head.
+
+    Args:
+        num_classes: object classes, without the background (label 0 in torchvision's R-CNNs).
+        variant, backbone_overrides, drop_path_rate: the RAVLT backbone (see ``build_backbone``);
+            ``drop_path_rate=None`` keeps the variant's published rate.
+        fpn_channels: FPN width (256 published).
+        representation_size: width of the box head's two fc layers (1024 published).
+        mask_channels: width of the mask head's four convs (256 published).
+        anchor_scale: multiplies every anchor size (1 published).
+        rpn_post_nms_top_n_train: proposals kept per image in training (mmdet ``max_per_img=1000``;
+            torchvision keeps 2000).
+        kwargs: further arguments of torchvision's ``MaskRCNN`` (``box_batch_size_per_image``, ...).
+    """
+
+    label_offset = 1
+    iou_types = ("bbox", "segm")
+
+    def __init__(
+        self,
+        num_classes: int,
+        variant: str = "ravlt_s",
+        backbone_overrides: dict | None = None,
+        drop_path_rate: float | None = None,
+        fpn_channels: int = 256,
+        representation_size: int = 1024,
+        mask_channels: int = 256,
+        anchor_scale: float = 1.0,
+        rpn_post_nms_top_n_train: int = 1000,
+        **kwargs,
+    ) -> None:
         backbone = ravlt_fpn(variant, backbone_overrides, (0, 1, 2, 3), fpn_channels, "maxpool", drop_path_rate)
         classes = num_classes + 1
-        model = MaskRCNN(
+        super().__init__(
             backbone, None,
             box_head=TwoMLPHead(fpn_channels * 7 * 7, representation_size),
             box_predictor=FastRCNNPredictor(representation_size, classes),
             mask_head=MaskRCNNHeads(fpn_channels, [mask_channels] * 4, dilation=1),
             mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, classes),
-            rpn_anchor_generator=anchors(detector, anchor_scale),
-            **{"rpn_post_nms_top_n_train": 1000, **kwargs},  # mmdet keeps 1000 proposals per image in training
+            rpn_anchor_generator=anchors(anchor_scale),
+            rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+            **kwargs,
         )  # fmt: skip
-    elif detector == "cascade_maskrcnn":
-        backbone = ravlt_fpn(variant, backbone_overrides, (0, 1, 2, 3), fpn_channels, "maxpool", drop_path_rate)
-        model = CascadeMaskRCNN(
-            backbone, num_classes + 1, PresizedTransform(), representation_size, mask_channels,
-            anchor_generator=anchors(detector, anchor_scale), **{"rpn_post_nms_top_n_train": 1000, **kwargs},
-        )  # fmt: skip
-    else:
-        raise ValueError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
-    model.transform = PresizedTransform()
-    return model
+        self.transform = PresizedTransform()
+        self.variant = variant
 
 
-def anchors(detector: str, scale: float = 1.0) -> AnchorGenerator:
-    """torchvision's default anchors for ``detector``, every size multiplied by ``scale``.
+class RAVLTCascadeMaskRCNN(CascadeMaskRCNN):
+    """Cascade Mask R-CNN on RAVLT: Mask R-CNN's FPN and RPN, then 3 cascade stages (see :mod:`.cascade`).
 
-    R-CNN: one size per level, 32 on P2 ... 512 on P6; RetinaNet: three octave scales per level from
-    32 on P3 ... 512 on P7 (mmdet ``octave_base_scale=4``); aspect ratios .5, 1, 2 everywhere.
+    Args:
+        num_classes: object classes, without the background.
+        variant, backbone_overrides, drop_path_rate: the RAVLT backbone (see ``build_backbone``).
+        fpn_channels: FPN width (256 published).
+        representation_size: width of each stage's fc layer (1024 published).
+        mask_channels: width of each stage's mask head (256 published).
+        anchor_scale: multiplies every anchor size (1 published).
+        kwargs: further arguments of :class:`CascadeMaskRCNN` (``rpn_post_nms_top_n_train``: 2000
+            proposals per image in training, as the published config; ``class_agnostic``, ...).
     """
-    octaves = (1.0, 2 ** (1 / 3), 2 ** (2 / 3)) if detector == "retinanet" else (1.0,)
-    sizes = tuple(tuple(float(int(base * o)) * scale for o in octaves) for base in (32, 64, 128, 256, 512))
+
+    label_offset = 1
+    iou_types = ("bbox", "segm")
+
+    def __init__(
+        self,
+        num_classes: int,
+        variant: str = "ravlt_s",
+        backbone_overrides: dict | None = None,
+        drop_path_rate: float | None = None,
+        fpn_channels: int = 256,
+        representation_size: int = 1024,
+        mask_channels: int = 256,
+        anchor_scale: float = 1.0,
+        **kwargs,
+    ) -> None:
+        backbone = ravlt_fpn(variant, backbone_overrides, (0, 1, 2, 3), fpn_channels, "maxpool", drop_path_rate)
+        super().__init__(backbone, num_classes + 1, PresizedTransform(), representation_size, mask_channels,
+                         anchor_generator=anchors(anchor_scale), **kwargs)  # fmt: skip
+        self.variant = variant
+
+
+def anchors(scale: float = 1.0, octaves: int = 1) -> AnchorGenerator:
+    """torchvision's default anchors, every size multiplied by ``scale``.
+
+    ``octaves=1``: R-CNN's one size per level, 32 on P2 ... 512 on P6. ``octaves=3``: RetinaNet's
+    three octave scales per level from 32 on P3 ... 512 on P7 (mmdet ``octave_base_scale=4``).
+    Aspect ratios .5, 1, 2 everywhere.
+    """
+    steps = tuple(2 ** (i / octaves) for i in range(octaves))
+    sizes = tuple(tuple(float(int(base * o)) * scale for o in steps) for base in (32, 64, 128, 256, 512))
     return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
 
 
