@@ -9,22 +9,20 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import Params
 from torch import Tensor, nn
-from torch.optim import AdamW
 from torchmetrics.detection import MeanAveragePrecision
 
-from ..models.detection import RAVLTMaskRCNN, dummy_forward, rescale_detections
+from ..models.detection import dummy_forward, rescale_detections
 from . import detection_report
-from .base import BaseTask, WarmupSchedule
+from .base import BaseTask
 
 #: torchmetrics key suffix → COCO's name, in COCOeval's order (the 12 numbers of ``summarize()``)
 COCO_METRICS = {
@@ -41,21 +39,22 @@ class DetectionTask(BaseTask):
     """A torchvision detector on a RAVLT backbone, trained with the published COCO recipe.
 
     Args:
-        num_classes: object classes, without background (linked from the data module).
         detector: the detector class, called with ``num_classes``; a config names it by ``class_path``
             with its ``init_args`` (RAVLT variant, FPN and head widths, torchvision's arguments):
             :class:`~ravlt_pl.models.detection.RAVLTRetinaNet`, :class:`~ravlt_pl.models.detection.RAVLTMaskRCNN`
-            or :class:`~ravlt_pl.models.detection.RAVLTCascadeMaskRCNN`.
+            or :class:`~ravlt_pl.models.detection.RAVLTCascadeMaskRCNN`. No default: jsonargparse would
+            carry a default class's ``init_args`` over to the class a config names.
+        num_classes: object classes, without background (linked from the data module).
         headline: metric named as the report's headline and monitored for the best checkpoint.
         draw_score_threshold: detections drawn in report/predict images score at least this.
         num_drawn_images: validation images drawn into the report figure.
-        optimizer: optimizer (the recipes: AdamW lr 1e-4, weight decay .05 for the R-CNNs, 1e-4 for RetinaNet).
-        scheduler: learning-rate schedule (the recipe: 500 linear warmup steps, ×0.1 at epochs 8, 11 / 27, 33).
-        pretrained: backbone checkpoint (ours or the authors' classification / mmdet release).
-        report_dir: where reports go (default: the run's log dir).
-        weight_decay_exempt: parameters without weight decay (``"1d"`` and/or name substrings, see
-            :class:`~ravlt_pl.tasks.base.BaseTask`); ``None`` decays every parameter. The configs set
-            the authors' ``paramwise_cfg`` per detector.
+        **kwargs: the :class:`~ravlt_pl.tasks.base.BaseTask` arguments (``optimizer``, ``scheduler``,
+            ``ema_decay``, ``pretrained``, ``report_dir``, ``weight_decay_exempt``, ``float32_matmul_precision``).
+            The recipes: AdamW lr 1e-4, weight decay .05 for the R-CNNs, 1e-4 for RetinaNet; 500 linear
+            warmup steps, ×0.1 at epochs 8, 11 / 27, 33; ``weight_decay_exempt`` the authors'
+            ``paramwise_cfg`` per detector (``None`` decays every parameter). ``pretrained``: a backbone
+            checkpoint (ours or the authors' classification / mmdet release). The EMA (when set) is
+            what validate/test/predict evaluate.
     """
 
     mode = "max"
@@ -63,18 +62,14 @@ class DetectionTask(BaseTask):
 
     def __init__(
         self,
+        detector: Callable[[int], nn.Module],
         num_classes: int = 80,
-        detector: Callable[[int], nn.Module] = RAVLTMaskRCNN,
         headline: Headline = "bbox_map",
         draw_score_threshold: float = 0.3,
         num_drawn_images: int = 4,
-        optimizer: OptimizerCallable = AdamW,
-        scheduler: LRSchedulerCallable = WarmupSchedule,
-        pretrained: str | None = None,
-        report_dir: str | None = None,
-        weight_decay_exempt: list[str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(optimizer, scheduler, None, pretrained, report_dir, weight_decay_exempt)
+        super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         if callable(self.hparams.detector):  # built in Python, not from a config: checkpoints keep its name only
             self.hparams.detector = class_spec(detector)
@@ -94,7 +89,7 @@ class DetectionTask(BaseTask):
     def forward(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
         """Detections for uint8 or [0, 1] float images already resized by the data pipeline."""
         inputs = [img.float() / 255 if img.dtype == torch.uint8 else img for img in images]
-        detections = self.model(inputs)
+        detections = (self.ema.module if self.ema is not None else self.model)(inputs)
         for det in detections:
             det["labels"] = det["labels"] - self.label_offset  # 0-based class indices
         return detections

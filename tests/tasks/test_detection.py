@@ -87,6 +87,16 @@ def test_config_weight_decay_is_the_authors_paramwise_cfg(config):
     assert weight_decay == (1e-4 if "retinanet" in config else 0.05)
 
 
+@pytest.mark.parametrize(("config", "proposals"), [("det/maskrcnn_s_3x.yaml", 1000), ("det/cascade_maskrcnn_s_3x.yaml", 2000)])
+def test_config_keeps_the_authors_training_proposals_per_image(config, proposals):
+    # mmdet rpn_proposal max_per_img; no other detector class's defaults leak into the one a config names
+    small = {"backbone_overrides": json.dumps(TINY), **SMALL}
+    cli = build_cli(["--config", resolve_config(config), "--trainer.logger", "false", "--trainer.accelerator", "cpu",
+                     *[arg for k, v in small.items() for arg in (f"--model.init_args.detector.init_args.{k}", str(v))]],
+                    run=False)  # fmt: skip
+    assert cli.model.model.rpn._post_nms_top_n["training"] == proposals
+
+
 def test_summary_counts_flops_of_the_dummy_forward(capsys):
     main(["summary", "--config", "det/maskrcnn_t_1x.yaml", *small_detector_args(rcnn=True)])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -178,7 +188,7 @@ def _task(detector=None, **kwargs) -> DetectionTask:
     # score threshold 0: an untrained model still returns detections, so every file has content
     detector = detector or partial(RAVLTMaskRCNN, variant="ravlt_t", backbone_overrides=TINY, **SMALL, **FEW_ROIS,
                                    box_score_thresh=0.0)  # fmt: skip
-    return DetectionTask(5, detector, **kwargs)
+    return DetectionTask(detector, num_classes=5, **kwargs)
 
 
 def _retinanet():

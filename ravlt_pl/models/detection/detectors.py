@@ -77,8 +77,13 @@ class RAVLTRetinaNet(RetinaNet):
         **kwargs,
     ) -> None:
         backbone = ravlt_fpn(variant, backbone_overrides, (1, 2, 3), fpn_channels, "p6p7", drop_path_rate)
-        super().__init__(backbone, num_classes, anchor_generator=anchors(anchor_scale, octaves=3),
-                         detections_per_img=detections_per_img, **kwargs)  # fmt: skip
+        super().__init__(
+            backbone, num_classes, anchor_generator=anchors(anchor_scale, octaves=3),
+            detections_per_img=detections_per_img,
+            # torchvision's transform arguments, named so that they are no config arguments: PresizedTransform replaces it
+            min_size=0, max_size=0, image_mean=None, image_std=None, size_divisible=32, fixed_size=None,
+            **kwargs,
+        )  # fmt: skip
         self.transform = PresizedTransform()
         self.variant = variant
 
@@ -125,6 +130,8 @@ class RAVLTMaskRCNN(MaskRCNN):
             mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, classes),
             rpn_anchor_generator=anchors(anchor_scale),
             rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+            # torchvision's transform arguments, named so that they are no config arguments: PresizedTransform replaces it
+            min_size=0, max_size=0, image_mean=None, image_std=None, size_divisible=32, fixed_size=None,
             **kwargs,
         )  # fmt: skip
         self.transform = PresizedTransform()
