@@ -1,40 +1,70 @@
-"""``python -m ravlt_pl {fit,validate,test,predict,summary,...} --config X.yaml``.
+"""``python -m ravlt_pl {fit,validate,test,predict,summary,benchmark,analyze-rank,export} --config X.yaml``.
 
 LightningCLI in subclass mode: the YAML's ``model.class_path`` picks the task (classification,
 detection, segmentation) and ``data.class_path`` the dataset; ``data.num_classes`` is linked into
 the task. A bare config name (``cls_s.yaml``, ``det/maskrcnn_s_1x.yaml``) is looked up in
 ``configs/`` when it is not a path from the working directory.
+
+Every run gets the callbacks of :data:`DEFAULT_CALLBACKS` as the default of ``trainer.callbacks``
+(``--print_config`` shows them). Ours are added to, not replaced by, the config's: append with
+``trainer.callbacks+:`` in a YAML or ``--trainer.callbacks+=Class`` on the command line; a YAML
+that sets the whole ``trainer.callbacks`` list gets ours added back.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import importlib
+import inspect
 import json
+import os
+import re
 import sys
 from importlib import resources
-import warnings
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningDataModule
+from jsonargparse import ActionSubCommands, DefaultHelpFormatter
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .callbacks import AtomicCheckpointIO, FaultTolerance, LastCheckpoint, find_last_checkpoint
 from .data.base import BaseDataModule
 from .data.errors import DatasetError
-from .models.checkpoint import CheckpointError
+from .models.checkpoint import CheckpointError, read_checkpoint
 from .published import published_for
 from .tasks.base import BaseTask
 
 #: The published configs ship inside the package (``ravlt_pl/configs``; ``configs/`` in a clone links to it).
 PACKAGE_CONFIGS = Path(str(resources.files("ravlt_pl") / "configs"))
 
+PROG = "python -m ravlt_pl"
+DESCRIPTION = f"""RAVLT training, evaluation and tools. Lightning's subcommands (fit, validate, test, predict)
+take --config NAME.yaml (a path, or a name under configs/) and --key.subkey overrides. Our own:
+  summary       parameters and GFLOPs of a config's model, beside the published numbers
+  benchmark     speed and memory of a variant (`{PROG} benchmark --help`)
+  analyze-rank  rank of the attention maps of a trained backbone (`{PROG} analyze-rank --help`)
+  export        a trained network to ONNX or a torch.export program (`{PROG} export --help`)"""
 
+
+class ConfigError(ValueError):
+    """A configuration value the run cannot use; the message names the option and the reason."""
+
+
+# -- config lookup ------------------------------------------------------------------------------
 def config_dirs() -> tuple[Path, ...]:
     """Where a bare config name is looked up: ``./configs`` of the working directory, then the package's."""
-    return tuple(dict.fromkeys([Path.cwd() / "configs", PACKAGE_CONFIGS]))
+    folders = {folder.resolve(): folder for folder in (Path.cwd() / "configs", PACKAGE_CONFIGS)}  # one per real folder
+    return tuple(folders.values())
+
+
+def config_names() -> list[str]:
+    """Every config name that :func:`resolve_config` finds (``cls_s.yaml``, ``det/maskrcnn_s_1x.yaml`` ...)."""
+    return sorted({p.relative_to(d).as_posix() for d in config_dirs() if d.is_dir() for p in d.rglob("*.yaml")})
 
 
 def resolve_config(name: str) -> str:
@@ -44,7 +74,10 @@ def resolve_config(name: str) -> str:
     for folder in config_dirs():
         if (folder / name).is_file():
             return str(folder / name)
-    raise FileNotFoundError(f"config {name!r} not found here nor in {', '.join(map(str, config_dirs()))}")
+    names = config_names()
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"available: {', '.join(names)}"
+    raise FileNotFoundError(f"config {name!r} not found here nor in {', '.join(map(str, config_dirs()))}; {hint}")
 
 
 def _resolve_config_args(args: list[str]) -> list[str]:
@@ -62,25 +95,160 @@ def _resolve_config_args(args: list[str]) -> list[str]:
     return out
 
 
+# -- parse errors that say what was meant ------------------------------------------------------
+def _init_parameters(class_path: str) -> list[str]:
+    """The constructor arguments jsonargparse accepts for ``class_path`` (following ``**kwargs`` up the MRO)."""
+    module, _, name = class_path.rpartition(".")
+    names = []
+    for klass in getattr(importlib.import_module(module), name).__mro__:
+        parameters = inspect.signature(klass.__init__).parameters.values()
+        names += [p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            return names
+    return names
+
+
+def _suggestion(parser: LightningArgumentParser, message: str) -> str | None:
+    """``unknown option 'x' (did you mean 'y'?)`` for a jsonargparse error about an unknown key, else ``None``."""
+    if unknown := re.search(r"Subcommand '([\w-]+)' does not accept option '([^']+)'", message):
+        subcommands = next(a for a in parser._actions if isinstance(a, ActionSubCommands))
+        known = [s.lstrip("-") for a in subcommands.choices[unknown[1]]._actions for s in a.option_strings]
+        where, key = unknown[1], unknown[2]
+    elif unknown := re.search(r"class_path '([\w.]+)':\s+Option '([^']+)' is not accepted", message):
+        key_path = re.search(r'Parser key "([\w.]+)"', message)
+        known = _init_parameters(unknown[1])
+        where, key = f"{key_path[1] if key_path else 'init_args'} ({unknown[1]})", unknown[2]
+    else:
+        return None
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    return f"{where}: unknown option '{key}'" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
+
+
+class RAVLTArgumentParser(LightningArgumentParser):
+    """Lightning's parser; an unknown key is reported first, with the nearest known names, without the usage dump."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        suggestion = _suggestion(self, message) if self.exit_on_error else None
+        if suggestion is None:
+            return super().error(message, ex)
+        sys.stderr.write(f"error: {suggestion}\n{message}\n(every option: {self.prog} <subcommand> --help)\n")
+        self.exit(2)
+
+
+# -- the callbacks every run gets -------------------------------------------------------------
+class BestCheckpoint(ModelCheckpoint):
+    """``best-{epoch}-{step}.ckpt``: the best checkpoint by the task's own metric (its ``monitor`` and ``mode``)."""
+
+    def __init__(self, dirpath: str | None = None, filename: str = "best-{epoch}-{step}", save_top_k: int = 1) -> None:
+        super().__init__(dirpath=dirpath, filename=filename, save_top_k=save_top_k)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.monitor, self.mode = pl_module.monitor, pl_module.mode
+        self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
+        super().setup(trainer, pl_module, stage)
+
+
+class RequireTrainingBatches(Callback):
+    """Refuses a ``fit`` that would train nothing (Lightning would end it at once with success)."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.limit_train_batches == 0:
+            raise ConfigError("--trainer.limit_train_batches 0: fit would train nothing (to evaluate, use validate)")
+        trainer.fit_loop.setup_data()  # what the fit loop does next (already done if the task read estimated_stepping_batches)
+        if trainer.num_training_batches == 0:
+            loader = trainer.train_dataloader
+            size = len(loader.dataset) if hasattr(getattr(loader, "dataset", None), "__len__") else "?"
+            raise DatasetError(
+                f"fit has no training batches: {size} training samples at batch size {getattr(loader, 'batch_size', '?')}"
+                f"{' with drop_last' if getattr(loader, 'drop_last', False) else ''} per device; check the data root and batch size"
+            )
+
+
+#: ``trainer.callbacks`` of every run: (class, init arguments).
+DEFAULT_CALLBACKS = (
+    (BestCheckpoint, {}),
+    (LastCheckpoint, {}),  # last.ckpt: the latest state at every validation/epoch end
+    (LearningRateMonitor, {"logging_interval": "step"}),
+    (FaultTolerance, {}),  # Slurm requeue / SIGTERM checkpoints at step boundaries
+    (RequireTrainingBatches, {}),
+)
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 class RAVLTCLI(LightningCLI):
-    """LightningCLI with our defaults: best-checkpoint on the task's monitor, lr logging, linked classes."""
+    """LightningCLI with our defaults: visible default callbacks, linked classes, trusted checkpoints only."""
+
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        self.parser_class = RAVLTArgumentParser
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        # DataModules shard their own loaders (exactly-once evaluation, repeated augmentation).
-        parser.set_defaults({"trainer.use_distributed_sampler": False})
+        parser.set_defaults({
+            # DataModules shard their own loaders (exactly-once evaluation, repeated augmentation).
+            "trainer.use_distributed_sampler": False,
+            "trainer.callbacks": [{"class_path": _class_path(c), "init_args": dict(a)} for c, a in DEFAULT_CALLBACKS],
+        })  # fmt: skip
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        # Always our own arguments (config names resolved): Lightning's warning about args beside sys.argv does not apply.
+        self.config = parser.parse_args(args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` (and find ``last``) before anything is built; the model stays the config's.
+
+        LightningCLI would replace the config's model section with the hyper-parameters saved in the
+        checkpoint, silently dropping the config and its overrides, and letting a checkpoint point
+        ``pretrained`` or ``report_dir`` at other files. Here the config and its overrides apply; a
+        checkpoint of another task is refused now, one of another architecture when it is loaded
+        (``BaseTask.on_load_checkpoint``), both naming what differs.
+        """
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if config is not None and config.get("weights_only") is None:
+            config["weights_only"] = True  # Lightning's own load of the checkpoint unpickles no objects either
+        if ckpt_path in (None, "best", "hpc", "registry") or "://" in str(ckpt_path) or str(ckpt_path).startswith("registry:"):
+            return
+        if ckpt_path == "last":
+            # The newest last/hpc checkpoint under the run's root, whichever logger version wrote it
+            # (Lightning looks in the new run's version folder only, and starts from scratch if none).
+            root = config.get("trainer", {}).get("default_root_dir") or os.getcwd()
+            found = find_last_checkpoint(root)
+            if found is None:
+                raise ConfigError(f"--ckpt_path last: no last*.ckpt or hpc_ckpt_*.ckpt under {root}; leave --ckpt_path out to start afresh")
+            config["ckpt_path"] = ckpt_path = str(found)
+        checkpoint, source = read_checkpoint(ckpt_path, mmap=True)
+        if "pytorch-lightning_version" not in checkpoint or "state_dict" not in checkpoint:
+            raise CheckpointError(
+                f"{source}: not a Lightning checkpoint of this project; to initialise a backbone from other "
+                "weights (the authors' release) use --model.init_args.pretrained"
+            )
+        saved_task = checkpoint.get("task_class") or (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+        configured = (config.get("model") or {}).get("class_path")
+        if saved_task and configured and saved_task != configured:
+            raise CheckpointError(f"{source} was made by {saved_task}, this config's model is {configured}")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:  # jsonargparse wraps what a constructor raised in "Does not validate against ..."
+            cause = err
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            if cause is err or not isinstance(cause, (ValueError, FileNotFoundError)):
+                raise
+            raise cause if isinstance(cause, (DatasetError, CheckpointError, ConfigError)) else ConfigError(str(cause))
 
     def instantiate_trainer(self, **kwargs):
-        task = self.model
         config = self._get(self.config_init, "trainer", default={})
-        # Ours are added to (not in place of) the config's trainer.callbacks.
         configured = config.get("callbacks") or []
         callbacks = kwargs.setdefault("callbacks", list(configured) if isinstance(configured, list) else [configured])
-        callbacks.append(ModelCheckpoint(monitor=task.monitor, mode=task.mode, filename="best-{epoch}-{step}"))
-        callbacks.append(LastCheckpoint())  # last.ckpt: the latest state at every validation/epoch end
-        if self.subcommand == "fit":
-            callbacks.append(LearningRateMonitor(logging_interval="step"))
-            callbacks.append(FaultTolerance())  # Slurm requeue / SIGTERM checkpoints at step boundaries
+        # A YAML's own `trainer.callbacks:` list replaces the default one: ours come back beside it.
+        callbacks += [cls(**args) for cls, args in DEFAULT_CALLBACKS if not any(type(c) is cls for c in callbacks)]
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # checkpoints written temp + rename
@@ -88,11 +256,10 @@ class RAVLTCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
-        # `--ckpt_path last`: the newest last/hpc checkpoint under the run's root, whichever logger
-        # version wrote it (Lightning looks in the new run's version folder only).
-        config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") == "last" and (found := find_last_checkpoint(self.trainer.default_root_dir)):
-            config["ckpt_path"] = str(found)
+        try:  # a bad optimizer argument (a negative lr ...) now, not as a traceback from configure_optimizers
+            self.model.optimizer(self.model.parameters())
+        except ValueError as err:
+            raise ConfigError(f"model.init_args.optimizer: {err}") from err
 
 
 def build_cli(args: list[str], run: bool = True) -> RAVLTCLI:
@@ -104,7 +271,12 @@ def build_cli(args: list[str], run: bool = True) -> RAVLTCLI:
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": PROG, "description": DESCRIPTION, "formatter_class": _RawDescription},
     )
+
+
+class _RawDescription(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help, with the description's lines kept (the list of our subcommands)."""
 
 
 def summary(args: list[str]) -> dict:
@@ -120,6 +292,9 @@ def summary(args: list[str]) -> dict:
     height, width = task.summary_input_size
     params = sum(p.numel() for p in task.model.parameters())
     task.eval()
+    for module in task.modules():  # count the reference maths: the fused kernels are opaque to the counter
+        if hasattr(module, "set_fast_path"):
+            module.set_fast_path(False)
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
@@ -139,8 +314,6 @@ def summary(args: list[str]) -> dict:
 
 def main(args: list[str] | None = None) -> RAVLTCLI | dict | None:
     """Run a command; returns the LightningCLI (or the summary dict) for programmatic use."""
-    # We pass sys.argv on ourselves, with config names resolved.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     args = list(sys.argv[1:] if args is None else args)
     try:
         args = _resolve_config_args(args)
@@ -156,10 +329,15 @@ def main(args: list[str] | None = None) -> RAVLTCLI | dict | None:
 
             analyze_rank(args[1:])
             return
+        if args and args[0] == "export":
+            from .export import main as export
+
+            export(args[1:])
+            return
         return build_cli(args)
     except SIGTERMException:
         sys.exit("stopped by SIGTERM; a requeued Slurm job resumes by itself, else rerun with --ckpt_path last")
-    except (DatasetError, CheckpointError, FileNotFoundError) as err:
+    except (DatasetError, CheckpointError, ConfigError, FileNotFoundError) as err:
         message = str(err).split("Original Traceback")[0].strip()
         if "DataLoader worker" in message:  # keep the named file, drop the worker preamble
             message = str(err).strip().splitlines()[-1]

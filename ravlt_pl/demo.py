@@ -12,7 +12,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from .cli import build_cli, resolve_config
+from .cli import BestCheckpoint, build_cli, resolve_config
 from .data import synthetic
 
 DEMOS = {
@@ -32,7 +32,8 @@ def run(task: str, extra: list[str]) -> dict:
         make(out)
     start = time.time()
     cli = build_cli(["fit", "--config", resolve_config(config), "--data.init_args.root", str(out / sub), *extra])
-    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
+    best = next(c for c in cli.trainer.checkpoint_callbacks if isinstance(c, BestCheckpoint)).best_model_path
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False)
     reports = (json.loads(p.read_text()) for p in Path(cli.trainer.log_dir).glob("reports/validate/*.json"))
     data = next(r for r in reports if isinstance(r, dict) and "headline" in r)  # not the COCO results lists
     report = Path(cli.trainer.log_dir) / "reports" / "validate"

@@ -1,12 +1,16 @@
 """The command line: config lookup, summary, clear failures, and every classification config runs."""
 
 import json
+import sys
+import warnings
+from functools import partial
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ravlt_pl.cli import main, resolve_config
-from tests.conftest import tiny_cli_args
+from tests.conftest import TINY, tiny_cli_args
 
 CONFIGS = Path(__file__).resolve().parents[1] / "ravlt_pl" / "configs"
 CLS_CONFIGS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml") if "ImageNetDataModule" in p.read_text())
@@ -44,3 +48,76 @@ def test_every_classification_config_runs_a_step(config, synthetic_cls, tmp_path
     cli = main(tiny_cli_args(config, synthetic_cls, tmp_path, "--data.init_args.num_classes", "5",
                              "--data.init_args.image_size", "32", "--model.init_args.image_size", "32"))  # fmt: skip
     assert cli.trainer.global_step == 1 and cli.model.hparams.num_classes == 5
+
+
+def test_help_lists_every_subcommand_as_python_m_ravlt_pl(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m ravlt_pl ") and "__main__" not in out
+    assert all(f"\n  {name} " in out for name in ("summary", "benchmark", "analyze-rank", "export"))
+    assert all(name in out for name in ("fit", "validate", "test", "predict"))
+
+
+def test_missing_config_name_lists_the_nearest_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(CONFIGS.parents[1])  # the clone: ./configs links to the package's
+    with pytest.raises(FileNotFoundError) as info:
+        resolve_config("det/maskrcn_s_1x.yaml")
+    message = str(info.value)
+    assert "did you mean det/maskrcnn_s_1x.yaml" in message and message.count("configs") == 1
+
+
+def test_yaml_key_typo_says_did_you_mean_first(tmp_path, capsys):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  init_args:\n    label_smothing: 0.1\ntrainr:\n  max_epochs: 1\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "demo/cls.yaml", "--config", str(typo)])
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first == ("error: model (ravlt_pl.tasks.classification.ClassificationTask): unknown option "
+                     "'label_smothing'; did you mean 'label_smoothing'?")  # fmt: skip
+    typo.write_text("trainr:\n  max_epochs: 1\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "demo/cls.yaml", "--config", str(typo)])
+    assert "did you mean 'trainer.max_epochs'" in capsys.readouterr().err.splitlines()[0]
+
+
+DEFAULT_CALLBACKS = ["ravlt_pl.cli.BestCheckpoint", "ravlt_pl.callbacks.LastCheckpoint",
+                     "lightning.pytorch.callbacks.lr_monitor.LearningRateMonitor", "ravlt_pl.callbacks.FaultTolerance",
+                     "ravlt_pl.cli.RequireTrainingBatches"]  # fmt: skip
+
+
+def test_print_config_shows_the_callbacks_that_run(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "demo/cls.yaml", "--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val/loss",
+              "--print_config"])  # fmt: skip
+    config = yaml.safe_load(capsys.readouterr().out)
+    shown = [c["class_path"] for c in config["trainer"]["callbacks"]]
+    assert shown == DEFAULT_CALLBACKS + ["lightning.pytorch.callbacks.EarlyStopping"]
+
+
+def test_a_yaml_callbacks_list_is_added_to_ours(synthetic_cls, tmp_path):
+    extra = tmp_path / "callbacks.yaml"
+    extra.write_text("trainer:\n  callbacks:\n  - class_path: lightning.pytorch.callbacks.EarlyStopping\n"
+                     "    init_args: {monitor: val/loss}\n")  # fmt: skip
+    cli = main(tiny_cli_args("demo/cls.yaml", synthetic_cls, tmp_path, "--config", str(extra)))
+    running = {f"{type(c).__module__}.{type(c).__qualname__}" for c in cli.trainer.callbacks}
+    assert {*DEFAULT_CALLBACKS, "lightning.pytorch.callbacks.early_stopping.EarlyStopping"} <= running
+
+
+def test_demo_runs_without_warnings_from_our_code(tmp_path, monkeypatch):
+    from ravlt_pl import demo
+    from ravlt_pl.data.synthetic import make_classification
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["demo", "classification"])  # as `python -m ravlt_pl.demo classification` has it
+    small = partial(make_classification, train_per_class=4, val_per_class=3, image_size=32)
+    monkeypatch.setitem(demo.DEMOS, "classification", (small, *demo.DEMOS["classification"][1:]))
+    tiny = json.dumps({k: v for k, v in TINY.items() if k not in ("layerscales", "layer_init_values")})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = demo.run("classification", ["--model.init_args.backbone_overrides", tiny, "--trainer.max_epochs", "1",
+                                           "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"])  # fmt: skip
+    assert data["headline"]["value"] >= 0
+    ours = [str(w.message) for w in caught if "ravlt_pl" in w.filename or "LightningCLI" in str(w.message)
+            or "multiple `ModelCheckpoint`" in str(w.message)]  # fmt: skip
+    assert not ours

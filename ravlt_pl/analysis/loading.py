@@ -10,7 +10,7 @@ import yaml
 from timm.data import create_transform
 from torch.utils.data import Subset
 
-from ..data.imagenet import ImageFiles
+from ..data.images import PredictFolder
 from ..models import RAVLT, build_backbone, load_official
 from ..models.checkpoint import CheckpointError, read_checkpoint
 
@@ -104,7 +104,8 @@ def load_images(folder: str | Path, num_images: int, image_size: int) -> tuple[t
             f"{folder}: image folder not found (pass --images DIR, or generate the synthetic set with "
             "python -m ravlt_pl.data.synthetic --task classification --out data/synthetic/classification)"
         )
-    files = ImageFiles(folder, create_transform(image_size, is_training=False, crop_pct=1.0, interpolation="bicubic"))
+    transform = create_transform(image_size, is_training=False, crop_pct=1.0, interpolation="bicubic")
+    files = PredictFolder(folder, transform, recursive=True)
     count = min(num_images, len(files))
     subset = Subset(files, [i * len(files) // count for i in range(count)])
-    return torch.stack([subset[i][0] for i in range(count)]), len(files)
+    return torch.stack([subset[i]["image"] for i in range(count)]), len(files)

@@ -7,7 +7,10 @@ checkpoints load through Lightning (``--ckpt_path``), not through here.
 
 from __future__ import annotations
 
+import argparse
 import pickle
+import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -45,21 +48,48 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
     return {k.replace(".RoPE.", ".rope."): v for k, v in state_dict.items()}
 
 
-def read_checkpoint(checkpoint: str | Path | Mapping) -> tuple[Mapping, str]:
-    """A checkpoint dict and a name for messages; unreadable files raise :class:`CheckpointError`."""
+#: The only Python objects a checkpoint may hold beside tensors and plain containers: the authors'
+#: ImageNet release (DeiT's training script) pickles its ``argparse.Namespace`` of arguments.
+SAFE_GLOBALS = (argparse.Namespace,)
+
+
+def read_checkpoint(checkpoint: str | Path | Mapping, mmap: bool = False) -> tuple[Mapping, str]:
+    """A checkpoint dict and a name for messages; unreadable or unsafe files raise :class:`CheckpointError`.
+
+    Never unpickles arbitrary objects: ``torch.load(weights_only=True)`` with :data:`SAFE_GLOBALS`
+    allowed, so a pickled payload is refused (naming the file and the global) before it can run.
+    ``mmap`` maps the tensors of a (zip-format) file instead of reading them.
+    """
     if isinstance(checkpoint, Mapping):
         return checkpoint, "<state dict>"
     path = Path(checkpoint)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; give the checkpoint file inside it")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True), str(path)
-        except pickle.UnpicklingError:
-            # DeiT checkpoints pickle their argparse Namespace next to the weights.
-            return torch.load(path, map_location="cpu", weights_only=False), str(path)
-    except Exception as err:  # truncated file, not a torch file, ...
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({err})") from err
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            mmap = mmap and zipfile.is_zipfile(path)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), str(path)
+    except Exception as err:  # a pickled object, a truncated file, a text file ...
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
+        if unsafe:
+            allowed = ", ".join(f"{t.__module__}.{t.__qualname__}" for t in SAFE_GLOBALS)
+            raise CheckpointError(
+                f"{path}: refused, it pickles the Python object {unsafe[1]} (only tensors, plain containers and "
+                f"{allowed} are loaded; loading it could run code)"
+            ) from None
+        raise CheckpointError(
+            f"{path}: cannot be read as a PyTorch checkpoint, truncated or not written by torch.save "
+            f"({type(err).__name__}: {_first_line(err)})"
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    """The telling line of a load error (torch prefixes weights-only failures with general advice)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    line = next((line for line in lines if not line.startswith(("Weights only load failed", "Check the doc"))), "")
+    return line.split(". ")[0]
 
 
 def extract_backbone_state(checkpoint: Mapping, source: str, use_ema: bool = False) -> dict[str, torch.Tensor]:
