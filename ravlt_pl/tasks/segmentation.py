@@ -55,8 +55,8 @@ class SegmentationTask(BaseTask):
         variant: RAVLT variant (``ravlt_t/s/b/l``).
         backbone_overrides: constructor arguments replacing the variant's (e.g. a tiny test backbone).
         drop_path_rate: stochastic depth of the backbone; ``None`` keeps the variant's published rate.
-        norm_eval: freeze the backbone's BatchNorm statistics in training; ``false`` when training from
-            scratch (the demo) and in the published recipes (see their config headers).
+        norm_eval: freeze the backbone's BatchNorm statistics in training (mmseg's ``norm_eval``); off
+            by default, as in the authors' runs (see the recipe configs' headers) and from scratch (the demo).
         segmentor: the encoder–decoder built around the backbone, by class path with its ``init_args``:
             ``ravlt_pl.models.segmentation.SemanticFPN`` (FPN 256 ch + FPNHead 128 ch) or
             ``ravlt_pl.models.segmentation.UperNet`` (UPerHead 512 ch + auxiliary FCN head on stage 3,
@@ -84,7 +84,7 @@ class SegmentationTask(BaseTask):
         variant: str = "ravlt_s",
         backbone_overrides: dict | None = None,
         drop_path_rate: float | None = None,
-        norm_eval: bool = True,
+        norm_eval: bool = False,
         segmentor: SegmentorBuilder = SemanticFPN,
         inference: Literal["whole", "slide"] = "whole",
         crop_size: tuple[int, int] = (512, 512),

@@ -129,6 +129,15 @@ def test_pretrained_classification_weights_reach_the_backbone(tmp_path: Path) ->
     assert torch.equal(task.model.backbone.state_dict()[key], classifier.state_dict()[key])
 
 
+def test_backbone_batchnorms_learn_by_default_as_in_the_authors_runs() -> None:
+    """Their backbone's ``norm_eval`` froze ``nn.BatchNorm2d`` only; its norms are ``SyncBatchNorm``."""
+    task = SegmentationTask(num_classes=3, backbone_overrides=TINY).train()
+    norms = [m for m in task.model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(m.training for m in norms)
+    frozen = SegmentationTask(num_classes=3, backbone_overrides=TINY, norm_eval=True).train()
+    assert not any(m.training for m in frozen.model.backbone.modules() if isinstance(m, nn.BatchNorm2d))
+
+
 def test_summary_size_is_the_published_flops_input() -> None:
     for segmentor in (SemanticFPN, UperNet):
         task = SegmentationTask(num_classes=3, backbone_overrides=TINY, segmentor=partial(segmentor, head_channels=16)).eval()
