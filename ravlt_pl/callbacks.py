@@ -145,7 +145,8 @@ def check_checkpoint_compatible(module: LightningModule, checkpoint: Mapping[str
     differing = [
         f"{k}={_short(theirs.get(k, '<unset>'))} there, {_short(mine.get(k, '<unset>'))} here"
         for k in sorted(set(theirs) | set(mine))
-        if k not in ("report_dir", "pretrained") and theirs.get(k, "<unset>") != mine.get(k, "<unset>")
+        # Not where files are, nor LightningCLI's bookkeeping (_class_path, _instantiator).
+        if k not in ("report_dir", "pretrained") and not k.startswith("_") and theirs.get(k, "<unset>") != mine.get(k, "<unset>")
     ]
     if differing:
         problems.append("config differs: " + "; ".join(differing[:8]) + ("; ..." if len(differing) > 8 else ""))
@@ -196,10 +197,10 @@ class FaultTolerance(Callback):
     one. SIGUSR1 is taken over only where it has no handler (the default action); SIGTERM goes back
     to Lightning when training ends.
 
-    A :class:`~ravlt_pl.data.errors.DatasetError` during training (an image that cannot be read
-    mid-epoch) first writes ``last.ckpt`` at the current step, then propagates: fix the data and
-    ``--ckpt_path last`` resumes without repeating the epoch's steps. (Inside an accumulation
-    window, the micro-batches of that window already summed are not in the checkpoint.)
+    A :class:`~ravlt_pl.data.errors.DatasetError` during training or its validation (an image that
+    cannot be read mid-epoch) first writes ``last.ckpt`` at the current step, then propagates: fix
+    the data and ``--ckpt_path last`` resumes without repeating the epoch's steps. (Inside an
+    accumulation window, the micro-batches of that window already summed are not in the checkpoint.)
 
     Args:
         save_on_sigterm: take SIGTERM over as described (else Lightning's handling stays).
@@ -287,9 +288,10 @@ class FaultTolerance(Callback):
         trainer._signal_connector._slurm_sigusr_handler_fn(self._usr_signal, None)
         self._requeued = True
         if trainer.is_global_zero:
-            numbered = [p for p in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt") if p.stem[9:].isdigit()]
-            for older in sorted(numbered, key=lambda p: int(p.stem[9:]))[:-1]:
-                older.unlink(missing_ok=True)
+            numbers = {int(n): p for p in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")
+                       if (n := p.stem.removeprefix("hpc_ckpt_")).isdigit()}  # fmt: skip
+            for number in sorted(numbers)[:-1]:  # Lightning resumes from the highest number only
+                numbers[number].unlink(missing_ok=True)
 
     def _finish(self) -> None:
         self._finished, self._watching = True, False
@@ -303,9 +305,10 @@ class FaultTolerance(Callback):
         self._finish()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        training = trainer.training and not self._finished
+        # In fit, after a training step (Lightning resumes mid-epoch and mid-validation alike).
+        fitting = (trainer.training or trainer.validating) and not trainer.sanity_checking and not self._finished
         self._finish()
-        if isinstance(exception, DatasetError) and training:
+        if isinstance(exception, DatasetError) and fitting and trainer.state.fn == "fit":
             self._checkpoint_before_failing(trainer)
 
     def _checkpoint_before_failing(self, trainer: Trainer) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import re
 import shutil
@@ -93,40 +94,51 @@ def test_fit_on_a_filling_disk_stops_with_one_line_and_the_last_checkpoint_intac
 
 
 # -- an image that becomes unreadable mid-epoch --------------------------------------------------------
-class CorruptTrainImagesAt(Callback):
-    """Test hook: at the end of global step ``step``, overwrite every training image with bytes no
-    decoder reads (a disk or copy gone bad while the run goes on)."""
+class CorruptImagesAt(Callback):
+    """Test hook: at the end of global step ``step``, overwrite every image of ``split`` with bytes
+    no decoder reads (a disk or copy gone bad while the run goes on)."""
 
-    def __init__(self, step: int, root: str) -> None:
-        self.step, self.root = step, Path(root)
+    def __init__(self, step: int, root: str, split: str = "train") -> None:
+        self.step, self.folder = step, Path(root) / split
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            for image in (self.root / "train").rglob("*.JPEG"):
+            for image in self.folder.rglob("*.JPEG"):
                 image.write_bytes(b"not an image")
 
 
-def test_unreadable_image_mid_epoch_checkpoints_the_steps_done_then_stops_and_resume_completes(synthetic_cls, tmp_path):
+@pytest.mark.parametrize(
+    "split, step, saved_step, epochs",
+    [
+        # Batches 0-2 trained; reading batch 4 (read ahead while batch 3 is handed out) failed: the
+        # checkpoint holds the 3 completed steps, and batch 3 is the first one a resume trains.
+        ("train", 3, 3, 1),
+        # Epoch 0 trained whole, its validation failed: the checkpoint holds the epoch's 10 steps.
+        ("val", STEPS_PER_EPOCH, STEPS_PER_EPOCH, 2),
+    ],
+)
+def test_unreadable_image_mid_epoch_checkpoints_the_steps_done_then_stops_and_resume_completes(
+    synthetic_cls, tmp_path, split, step, saved_step, epochs
+):
     data, out = tmp_path / "data", tmp_path / "run"
     shutil.copytree(synthetic_cls, data)
     with pytest.raises(SystemExit) as stop:
-        main(fit_args(data, out, "--trainer.callbacks+=tests.test_callbacks.CorruptTrainImagesAt",
-                      "--trainer.callbacks.step=3", f"--trainer.callbacks.root={data}"))  # fmt: skip
+        main(fit_args(data, out, "--trainer.callbacks+=tests.test_callbacks.CorruptImagesAt", f"--trainer.callbacks.step={step}",
+                      f"--trainer.callbacks.root={data}", f"--trainer.callbacks.split={split}", epochs=epochs))  # fmt: skip
     message = str(stop.value.code)
-    assert re.fullmatch(rf"error: {data}/train/\w+/\w+\.JPEG: cannot be read as an image \(.*\)", message), message
+    assert re.fullmatch(rf"error: {data}/{split}/\w+/\w+\.JPEG: cannot be read as an image \(.*\)", message), message
     saved = find_last_checkpoint(out)
-    # Batches 0-2 trained; reading batch 4 (read ahead while batch 3 is handed out) failed: the
-    # checkpoint holds the 3 completed steps, and batch 3 is the first one a resume trains.
-    assert saved is not None and global_step(saved) == 3
+    assert saved is not None and global_step(saved) == saved_step
 
     shutil.rmtree(data)
     shutil.copytree(synthetic_cls, data)  # the data fixed
-    cli = main(fit_args(data, out, "--ckpt_path", "last"))
+    cli = main(fit_args(data, out, "--ckpt_path", "last", epochs=epochs))
     assert Path(cli.trainer.ckpt_path) == saved
     final = torch.load(find_last_checkpoint(out), weights_only=False)
-    # The epoch continued with batch 4: every step once (a restart of the epoch would end at step 14).
-    assert final["global_step"] == STEPS_PER_EPOCH and final["lr_schedulers"][0]["last_epoch"] == STEPS_PER_EPOCH
-    assert {float(s["step"]) for s in final["optimizer_states"][0]["state"].values()} == {float(STEPS_PER_EPOCH)}
+    # Every step once: a restart of the epoch would end with more.
+    steps = epochs * STEPS_PER_EPOCH
+    assert final["global_step"] == steps and final["lr_schedulers"][0]["last_epoch"] == steps
+    assert {float(s["step"]) for s in final["optimizer_states"][0]["state"].values()} == {float(steps)}
 
 
 # -- SIGUSR1 outside Slurm -----------------------------------------------------------------------------
@@ -141,24 +153,32 @@ class SignalAfterFit(Callback):
         os.kill(os.getpid(), self.signum)
 
 
-def run_fit(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    return subprocess.run([sys.executable, "-m", "ravlt_pl", *args], cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+TWO_FITS = """
+import json, sys
+from ravlt_pl.cli import main
+stopped, resumed = json.loads(sys.argv[1])
+try:
+    main(stopped)
+except SystemExit as stop:
+    print("first fit:", stop.code, flush=True)
+main(resumed)
+"""
 
 
 def test_sigusr1_outside_slurm_checkpoints_and_stops_saying_so_and_is_ignored_after_training(synthetic_cls, tmp_path):
+    """In a child process, which the default action of SIGUSR1 would kill (exit code -10, no word):
+    a fit that gets SIGUSR1 after step 3, then ``--ckpt_path last`` with a SIGUSR1 after training."""
     usr1 = str(int(signal.SIGUSR1))
-    stopped = run_fit(*fit_args(synthetic_cls, tmp_path, "--trainer.callbacks+=tests.test_distributed.SignalAt",
-                                "--trainer.callbacks.step=3", f"--trainer.callbacks.signum={usr1}"))  # fmt: skip
-    assert stopped.returncode == 1, stopped.stderr[-3000:]  # not -10: killed by the signal, without a word
-    assert "SIGUSR1: not a Slurm job with auto-requeue: checkpoint + stop at the next step boundary" in stopped.stderr
-    saved = find_last_checkpoint(tmp_path)
-    assert saved is not None and global_step(saved) == 3
-
-    resumed = run_fit(*fit_args(synthetic_cls, tmp_path, "--ckpt_path", "last",
-                                "--trainer.callbacks+=tests.test_callbacks.SignalAfterFit",
-                                f"--trainer.callbacks.signum={usr1}"))  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "SIGUSR1: training has finished, nothing to do" in resumed.stderr
-    assert global_step(find_last_checkpoint(tmp_path)) == STEPS_PER_EPOCH
+    stopped = fit_args(synthetic_cls, tmp_path, "--trainer.callbacks+=tests.test_distributed.SignalAt",
+                       "--trainer.callbacks.step=3", f"--trainer.callbacks.signum={usr1}")  # fmt: skip
+    resumed = fit_args(synthetic_cls, tmp_path, "--ckpt_path", "last", "--trainer.callbacks+=tests.test_callbacks.SignalAfterFit",
+                       f"--trainer.callbacks.signum={usr1}")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    child = subprocess.run([sys.executable, "-c", TWO_FITS, json.dumps([stopped, resumed])], cwd=REPO,
+                           env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert "SIGUSR1: not a Slurm job with auto-requeue: checkpoint + stop at the next step boundary" in child.stderr
+    assert "first fit: " in child.stdout and "--ckpt_path last" in child.stdout
+    assert "SIGUSR1: training has finished, nothing to do" in child.stderr
+    checkpoints = sorted(tmp_path.rglob("last.ckpt"))  # version_0: the stop; version_1: the resumed run's end
+    assert [global_step(c) for c in checkpoints] == [3, STEPS_PER_EPOCH]

@@ -63,6 +63,9 @@ MailProg=/bin/true
 KillWait=30
 ReturnToService=2
 SlurmdTimeout=30
+# n1/n2 are no host names: every task gets MASTER_ADDR=127.0.0.1 for the rendezvous (a real
+# cluster needs nothing: Lightning resolves the first host of the job's node list).
+TaskProlog=${DIR}/task_prolog.sh
 NodeName=n1 NodeAddr=127.0.0.1 NodeHostname=${host} Port=$((PORT + 1)) CPUs=1 State=UNKNOWN
 NodeName=n2 NodeAddr=127.0.0.1 NodeHostname=${host} Port=$((PORT + 2)) CPUs=1 State=UNKNOWN
 PartitionName=local Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
@@ -82,6 +85,8 @@ start() {
     mungekey --create --keyfile="$DIR/munge/munge.key"
     chmod 600 "$DIR/munge/munge.key"
     write_conf
+    printf '#!/bin/sh\necho export MASTER_ADDR=127.0.0.1\n' > "$DIR/task_prolog.sh"
+    chmod 755 "$DIR/task_prolog.sh"
     : > "$PIDS"
     munged --foreground --force --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket.2" \
         --pid-file="$DIR/run/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munged.seed" \
