@@ -181,10 +181,6 @@ def _class_path(cls: type) -> str:
 class RAVLTCLI(LightningCLI):
     """LightningCLI with our defaults: visible default callbacks, linked classes, trusted checkpoints only."""
 
-    def init_parser(self, **kwargs) -> LightningArgumentParser:
-        self.parser_class = RAVLTArgumentParser
-        return super().init_parser(**kwargs)
-
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.set_defaults({
@@ -204,7 +200,8 @@ class RAVLTCLI(LightningCLI):
         checkpoint, silently dropping the config and its overrides, and letting a checkpoint point
         ``pretrained`` or ``report_dir`` at other files. Here the config and its overrides apply; a
         checkpoint of another task is refused now, one of another architecture when it is loaded
-        (``BaseTask.on_load_checkpoint``), both naming what differs.
+        (``BaseTask.on_load_checkpoint``), both naming what differs. (Replaces LightningCLI's hook of
+        the same name, which it calls right after parsing.)
         """
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else None
@@ -262,7 +259,7 @@ class RAVLTCLI(LightningCLI):
             raise ConfigError(f"model.init_args.optimizer: {err}") from err
 
 
-def build_cli(args: list[str], run: bool = True) -> RAVLTCLI:
+def build_cli(args: list[str], run: bool = True, prog: str = PROG) -> RAVLTCLI:
     return RAVLTCLI(
         BaseTask,
         BaseDataModule,
@@ -271,7 +268,8 @@ def build_cli(args: list[str], run: bool = True) -> RAVLTCLI:
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": PROG, "description": DESCRIPTION, "formatter_class": _RawDescription},
+        parser_class=RAVLTArgumentParser,
+        parser_kwargs={"prog": prog, "description": DESCRIPTION, "formatter_class": _RawDescription},
     )
 
 
@@ -286,7 +284,7 @@ def summary(args: list[str]) -> dict:
     element-wise ops), halved to multiply-adds as papers report them.
     """
     cli = build_cli(args + ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-                            "--trainer.num_nodes", "1"], run=False)  # fmt: skip
+                            "--trainer.num_nodes", "1"], run=False, prog=f"{PROG} summary")  # fmt: skip
     task: BaseTask = cli.model
     config = next((a for a in args if a.endswith((".yaml", ".yml"))), None)
     height, width = task.summary_input_size

@@ -72,8 +72,10 @@ def test_bad_files_are_named(tmp_path, cls_model):
         load_official(cls_model, tmp_path / "absent.pth")
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="broken.pth"):
+    with pytest.raises(CheckpointError, match="broken.pth: cannot be read as a PyTorch checkpoint"):
         load_official(cls_model, broken)
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_official(cls_model, tmp_path)
     with pytest.raises(CheckpointError, match="model_ema"):
         load_official(cls_model, {"model": {}}, use_ema=True)
     with pytest.raises(CheckpointError, match="backbone"):
