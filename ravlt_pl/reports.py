@@ -18,14 +18,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+#: The process's umask, read once at import (reading it means setting it): new files get 0o666 & ~umask.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)``, then rename ``tmp_path`` onto ``path`` (same directory, same filesystem)."""
+    """Call ``write(tmp_path)``, then rename ``tmp_path`` onto ``path`` (same directory, same filesystem).
+
+    The file gets the permissions of one the process created directly (``mkstemp`` makes its
+    temporary file 0600, which would hide reports and checkpoints from the rest of a group).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

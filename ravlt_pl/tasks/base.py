@@ -41,6 +41,19 @@ def param_groups(model: nn.Module, exempt: Sequence[str]) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
+def build_optimizer(
+    factory: OptimizerCallable, model: nn.Module, exempt: Sequence[str], device: torch.device
+) -> Optimizer:
+    """``factory`` on :func:`param_groups`; on CUDA, torch's Adam/AdamW/SGD that the config leaves at
+    ``fused=None`` (and ``foreach`` unset) get their fused kernel: one launch per step for all parameters."""
+    optimizer = factory(param_groups(model, exempt))
+    defaults = optimizer.defaults
+    if device.type == "cuda" and "fused" in defaults and defaults["fused"] is None and not defaults.get("foreach"):
+        # Anew, on new groups: the first optimizer wrote its defaults (fused None) into its group dicts.
+        optimizer = factory(param_groups(model, exempt), fused=True)
+    return optimizer
+
+
 class WarmupSchedule(LambdaLR):
     """Per-step linear warmup, then ``cosine``, ``step`` (×gamma at epoch milestones), ``poly`` or ``constant``.
 
@@ -89,7 +102,7 @@ class WarmupSchedule(LambdaLR):
 
 
 class BaseTask(LightningModule):
-    """A thin training loop around a pure-torch model built by the subclass in ``configure_model``.
+    """A thin training loop around a pure-torch model built by the subclass's ``__init__``.
 
     Subclasses set ``self.model`` (the network) and ``monitor``/``mode`` (the metric that picks the
     best checkpoint), implement the steps, and call :meth:`write_report` from their epoch ends.
@@ -104,6 +117,9 @@ class BaseTask(LightningModule):
         weight_decay_exempt: parameters trained without weight decay: ``"1d"`` (every parameter of at
             most one dimension and every bias) and/or parameter-name substrings (see :func:`param_groups`);
             ``None`` is the task's ``default_weight_decay_exempt``, ``[]`` decays every parameter.
+        float32_matmul_precision: ``torch.set_float32_matmul_precision`` for the process, set when
+            the task is built: ``high`` lets float32 matrix products use TF32 on CUDA (``None``: torch's
+            default, ``highest``). Mixed-precision runs compute most products in bf16 regardless.
     """
 
     monitor = "val/loss"
@@ -121,8 +137,11 @@ class BaseTask(LightningModule):
         pretrained: str | None = None,
         report_dir: str | None = None,
         weight_decay_exempt: list[str] | None = None,
+        float32_matmul_precision: Literal["highest", "high", "medium"] | None = None,
     ) -> None:
         super().__init__()
+        if float32_matmul_precision:
+            torch.set_float32_matmul_precision(float32_matmul_precision)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.pretrained = pretrained
@@ -136,7 +155,6 @@ class BaseTask(LightningModule):
         return [self.ema] if self.ema is not None else []
 
     # -- model helpers ----------------------------------------------------------------------------
-
     def load_pretrained_backbone(self, backbone: nn.Module, exclude: Sequence[str] = ("head.",)) -> None:
         """Initialise ``backbone`` from ``self.pretrained`` (the authors' checkpoint or a bare state dict)."""
         if self.pretrained:
@@ -163,7 +181,7 @@ class BaseTask(LightningModule):
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = self.optimizer(param_groups(self.model, self.weight_decay_exempt))
+        optimizer = build_optimizer(self.optimizer, self.model, self.weight_decay_exempt, self.device)
         total = int(self.trainer.estimated_stepping_batches)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         scheduler = self.scheduler(optimizer, total_steps=total, steps_per_epoch=max(total // epochs, 1))
@@ -179,6 +197,16 @@ class BaseTask(LightningModule):
         if trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING):
             return True
         return trainer.state.fn == TrainerFn.FITTING and trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
+
+    def weights_source(self) -> str:
+        """Which weights an evaluation measured, for its report: the checkpoint given to ``validate``/``test``,
+        or the fit's weights where it stands (not its best checkpoint)."""
+        trainer = self.trainer
+        if trainer.state.fn == TrainerFn.FITTING:
+            return f"this fit's weights at optimizer step {trainer.global_step} (not the best checkpoint)"
+        if trainer.ckpt_path:
+            return f"checkpoint {trainer.ckpt_path}"
+        return "the weights the config builds (no checkpoint given: its pretrained backbone, or random initialisation)"
 
     def report_dir(self) -> Path:
         if self._report_dir:

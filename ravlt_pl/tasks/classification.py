@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
-from torch.optim import AdamW
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from .. import reports
 from ..models import build_backbone
-from .base import BaseTask, WarmupSchedule
+from .base import BaseTask
+from .classification_report import write_classification_report, write_predictions
 
 
 def _accuracy_metrics(num_classes: int) -> MetricCollection:
@@ -43,14 +41,10 @@ class ClassificationTask(BaseTask):
         mixup_switch_prob: probability of cutmix instead of mixup when both are on.
         label_smoothing: label smoothing of the (mixed) targets.
         image_size: input side used by ``summary`` for FLOPs.
-        optimizer: optimizer class and arguments (AdamW lr 5e-4 × batch/512, wd .05 in the recipe).
-        scheduler: learning-rate schedule (per-step warmup + cosine in the recipe).
-        ema_decay: decay per 512 images of the weight EMA evaluated alongside the model (DeiT's
-            0.99996; see :class:`~ravlt_pl.tasks.base.BaseTask`); ``None``: no EMA.
-        pretrained: checkpoint to initialise from (authors' release or a state dict), head excluded.
-        report_dir: where ``validate``/``test`` write reports (default: the run's log dir).
-        weight_decay_exempt: parameters without weight decay; ``None`` is DeiT's ``["1d"]`` (norms and
-            biases; the (1, C, 1, 1) layer-scale gammas decay). See :class:`~ravlt_pl.tasks.base.BaseTask`.
+        **kwargs: the :class:`~ravlt_pl.tasks.base.BaseTask` arguments (``optimizer``, ``scheduler``,
+            ``ema_decay``, ``pretrained``, ``report_dir``, ``weight_decay_exempt``,
+            ``float32_matmul_precision``). Here ``pretrained`` initialises all but the head, the
+            EMA is evaluated alongside the model, and ``weight_decay_exempt`` ``None`` is DeiT's ``["1d"]``.
     """
 
     monitor = "val/top1"
@@ -69,14 +63,9 @@ class ClassificationTask(BaseTask):
         mixup_switch_prob: float = 0.5,
         label_smoothing: float = 0.1,
         image_size: int = 224,
-        optimizer: OptimizerCallable = AdamW,
-        scheduler: LRSchedulerCallable = WarmupSchedule,
-        ema_decay: float | None = None,
-        pretrained: str | None = None,
-        report_dir: str | None = None,
-        weight_decay_exempt: list[str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(optimizer, scheduler, ema_decay, pretrained, report_dir, weight_decay_exempt)
+        super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         extra = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
         self.model = build_backbone(variant, backbone_overrides, num_classes=num_classes, **extra)
@@ -132,8 +121,13 @@ class ClassificationTask(BaseTask):
             self.ema_metrics[stage].reset()
         self.log_dict(values, prog_bar=True)
         confusion = self.confusion.compute()
+        loss = self.losses[stage].compute()  # on every process: it syncs (Lightning logs the same cached value)
         if self.writes_reports:
-            self.write_report(stage, {k: float(v) for k, v in values.items()}, confusion.cpu())
+            metrics = {k: float(v) for k, v in values.items()} | {f"{stage}/loss": float(loss)}
+            paths = write_classification_report(
+                self.report_dir(), stage, metrics, confusion.cpu(), self.class_names(), self.weights_source()
+            )
+            print(f"report: top-1 {metrics[f'{stage}/top1']:.4f}; written to {', '.join(map(str, paths.values()))}")
         self.metrics[stage].reset()
         self.confusion.reset()
 
@@ -156,55 +150,8 @@ class ClassificationTask(BaseTask):
 
     def on_predict_epoch_end(self) -> None:
         """Write ``predictions.json`` (file → top-5 classes and probabilities) for the predict folder."""
-        names = self.class_names()
-        rows = []
-        for batch in self.trainer.predict_loop.predictions:
-            for path, classes, scores in zip(batch["path"], batch["classes"], batch["scores"]):
-                rows.append({
-                    "file": path,
-                    "top5": [{"class": names[c], "score": round(float(s), 5)} for c, s in zip(classes.tolist(), scores)],
-                })  # fmt: skip
         if self.trainer.is_global_zero:
-            path = reports.write_json(self.report_dir() / "predictions.json", rows)
-            print(f"predictions for {len(rows)} images written to {path}")
-
-    # -- report -----------------------------------------------------------------------------------
-    def write_report(self, stage: str, values: dict[str, float], confusion: torch.Tensor) -> None:
-        names = self.class_names()
-        support = confusion.sum(1)
-        per_class = (confusion.diag() / support.clamp(min=1)).tolist()
-        data = {
-            "headline": {"name": "top1", "value": values[f"{stage}/top1"]},
-            "metrics": values,
-            "num_samples": int(support.sum()),
-            "per_class_accuracy": {n: a for n, a, s in zip(names, per_class, support.tolist()) if s > 0},
-            "confusion_matrix": confusion.tolist(),
-            "class_names": names,
-        }
-        md = f"# Classification report ({stage})\n\n" + reports.markdown_table(
-            ["metric", "value"], [(k, v) for k, v in values.items()]
-        )
-        md += f"\n{data['num_samples']} images.\n\n## Per-class accuracy\n\n"
-        md += reports.markdown_table(["class", "accuracy", "images"],
-                                     [(n, a, s) for n, a, s in zip(names, per_class, support.tolist()) if s > 0])  # fmt: skip
-        figures = {"confusion": confusion_figure(confusion, names)} if len(names) <= 50 else {}
-        paths = reports.write_report(self.report_dir(), f"classification_{stage}", data, md, figures)
-        print(f"report: top-1 {values[f'{stage}/top1']:.4f}; written to {', '.join(map(str, paths.values()))}")
-
-
-def confusion_figure(confusion: torch.Tensor, names: Sequence[str]):
-    import matplotlib.pyplot as plt
-
-    rows = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1)
-    size = max(4.0, 0.45 * len(names) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    for (i, j), v in zip(((i, j) for i in range(len(names)) for j in range(len(names))), confusion.flatten().tolist()):
-        if v:
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if rows[i, j] > 0.5 else "black", fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("Confusion matrix (row-normalised colour, counts in cells)")
-    return fig
+            path, count = write_predictions(
+                self.report_dir() / "predictions.json", self.trainer.predict_loop.predictions, self.class_names()
+            )
+            print(f"predictions for {count} images written to {path}")

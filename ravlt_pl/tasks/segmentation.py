@@ -7,15 +7,13 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torch.optim import AdamW
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from ..data.ade20k import IGNORE_INDEX
 from ..models.segmentation import EncoderDecoder, SemanticFPN, resize
 from ..models.variants import build_backbone
-from .base import BaseTask, WarmupSchedule
+from .base import BaseTask
 from .segmentation_report import GridRow, denormalize, save_mask, weights_source, write_segmentation_report
 
 #: A segmentor class (or its partial with the config's ``init_args``) called as ``segmentor(backbone, num_classes)``.
@@ -70,9 +68,11 @@ class SegmentationTask(BaseTask):
         class_names: names for the report (default: the data module's ``info.class_names``).
         report_images: how many validation images the report's image / ground truth / prediction grid shows.
         predict_dir: where ``predict`` writes palette PNG masks (default: ``<report dir>/masks``).
-        optimizer, scheduler, ema_decay, pretrained, report_dir, weight_decay_exempt: see :class:`BaseTask`
-            (``weight_decay_exempt``: ``None`` decays every parameter)
-            (``pretrained``: a classification checkpoint loaded into the backbone before ``fit``).
+        **kwargs: the :class:`BaseTask` arguments (``optimizer``, ``scheduler``, ``ema_decay``,
+            ``pretrained``, ``report_dir``, ``weight_decay_exempt``, ``float32_matmul_precision``).
+            Here ``pretrained`` is a classification checkpoint loaded into the backbone before ``fit``,
+            the EMA (when set) is what validate/test/predict evaluate, and ``weight_decay_exempt``
+            ``None`` decays every parameter.
     """
 
     monitor = "val/mIoU"
@@ -94,14 +94,9 @@ class SegmentationTask(BaseTask):
         class_names: list[str] | None = None,
         report_images: int = 4,
         predict_dir: str | None = None,
-        optimizer: OptimizerCallable = AdamW,
-        scheduler: LRSchedulerCallable = WarmupSchedule,
-        ema_decay: float | None = None,
-        pretrained: str | None = None,
-        report_dir: str | None = None,
-        weight_decay_exempt: list[str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(optimizer, scheduler, ema_decay, pretrained, report_dir, weight_decay_exempt)
+        super().__init__(**kwargs)
         self.save_hyperparameters()
         self.num_classes = num_classes
         rate = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}

@@ -1,6 +1,8 @@
-"""What every task shares: weight-decay parameter groups from ``weight_decay_exempt``."""
+"""What every task shares: weight-decay parameter groups from ``weight_decay_exempt``, the fused optimizer."""
 
-from ravlt_pl.tasks.base import param_groups
+import torch
+
+from ravlt_pl.tasks.base import build_optimizer, param_groups
 from ravlt_pl.tasks.classification import ClassificationTask
 from tests.conftest import TINY
 
@@ -33,3 +35,42 @@ def test_empty_exempt_decays_every_parameter():
     task = ClassificationTask(num_classes=3, backbone_overrides=TINY, weight_decay_exempt=[])
     groups = param_groups(task.model, task.weight_decay_exempt)
     assert len(groups) == 1 and _names(task, groups)[0] == {n for n, _ in task.model.named_parameters()}
+
+
+def _factory(spec: dict):
+    """The optimizer callable LightningCLI builds from a config's ``optimizer:`` entry."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.cli import OptimizerCallable
+
+    parser = ArgumentParser()
+    parser.add_argument("--optimizer", type=OptimizerCallable)
+    return parser.instantiate_classes(parser.parse_object({"optimizer": spec})).optimizer
+
+
+def test_adamw_is_fused_on_cuda_unless_the_config_says_otherwise():
+    model = ClassificationTask(num_classes=3, backbone_overrides=TINY).model
+    adamw = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # the choice only; torch's fused AdamW also runs on CPU
+    fused = build_optimizer(_factory(adamw), model, ["1d"], cuda)
+    assert fused.defaults["fused"] is True and all(group["fused"] for group in fused.param_groups)
+    assert [group["weight_decay"] for group in fused.param_groups] == [0.01, 0.0] and fused.defaults["lr"] == 1e-3
+    assert build_optimizer(_factory(adamw), model, ["1d"], cpu).defaults["fused"] is None
+    chosen = dict(adamw, init_args={"fused": False})
+    assert build_optimizer(_factory(chosen), model, ["1d"], cuda).defaults["fused"] is False
+    foreach = dict(adamw, init_args={"foreach": True})
+    assert build_optimizer(_factory(foreach), model, ["1d"], cuda).defaults["fused"] is None
+    sgd = build_optimizer(_factory({"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}), model, [], cuda)
+    assert sgd.defaults["fused"] is True
+    rmsprop = build_optimizer(_factory({"class_path": "torch.optim.RMSprop"}), model, [], cuda)
+    assert "fused" not in rmsprop.defaults
+
+
+def test_float32_matmul_precision_is_set_for_the_process_when_the_task_is_built():
+    before = torch.get_float32_matmul_precision()
+    try:
+        ClassificationTask(num_classes=3, backbone_overrides=TINY, float32_matmul_precision="medium")
+        assert torch.get_float32_matmul_precision() == "medium"
+        ClassificationTask(num_classes=3, backbone_overrides=TINY)  # None: left as it is
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -31,8 +31,15 @@ def test_validate_writes_report_with_ema(synthetic_cls, tmp_path):
     data = json.loads((report_dir / "classification_val.json").read_text())
     assert data["headline"]["name"] == "top1" and 0.0 <= data["headline"]["value"] <= 1.0
     assert data["num_samples"] == 15 and "val/ema_top1" in data["metrics"]
-    assert (report_dir / "classification_val.md").read_text().startswith("# Classification report")
+    assert data["weights"] == f"checkpoint {ckpt}"
+    fractions = [*data["metrics"].values(), *data["per_class_accuracy"].values()]
+    assert all(v == round(v, 4) for v in fractions) and any(v != round(v, 2) for v in fractions)  # 4 decimals
+    markdown = (report_dir / "classification_val.md").read_text()
+    assert markdown.startswith("# Classification report (val)") and f"Weights: checkpoint {ckpt}." in markdown
+    assert "fractions from 0 to 1" in markdown and "`ema_` rows" in markdown
     assert (report_dir / "classification_val_confusion.png").stat().st_size > 1000
+    fit_report = json.loads(next(tmp_path.rglob("reports/fit/classification_val.json")).read_text())
+    assert fit_report["weights"] == "this fit's weights at optimizer step 1 (not the best checkpoint)"
 
 
 def test_predict_writes_top5_per_file(synthetic_cls, tmp_path):
@@ -43,3 +50,4 @@ def test_predict_writes_top5_per_file(synthetic_cls, tmp_path):
     rows = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert len(rows) == 3 and len(rows[0]["top5"]) == 5 and rows[0]["file"].endswith(".JPEG")
     assert {c["class"] for c in rows[0]["top5"]} == {"circle", "cross", "square", "star", "triangle"}
+    assert all(c["score"] == round(c["score"], 4) for row in rows for c in row["top5"])
