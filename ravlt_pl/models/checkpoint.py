@@ -2,7 +2,8 @@
 
 Forms understood: a bare state dict; DeiT-style ``{"model": ..., "model_ema": ...}`` (ImageNet);
 mmdet / mmseg ``{"state_dict": {"backbone.<name>": ...}}`` (COCO / ADE20K). Our own Lightning
-checkpoints load through Lightning (``--ckpt_path``), not through here.
+checkpoints load through Lightning (``--ckpt_path``), not through here; the CLI checks them first
+with :func:`read_checkpoint`, which every user file goes through: tensors and plain containers only.
 """
 
 from __future__ import annotations
