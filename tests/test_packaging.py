@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -28,9 +29,18 @@ def _run(python: Path, *args: str, cwd: Path, timeout: int = 600) -> subprocess.
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    # Built from a copy: setuptools builds in the source tree (build/, *.egg-info) and would package
+    # whatever a stale build/lib still holds.
+    source = tmp_path_factory.mktemp("source") / "ravlt_pl"
+    top_level = {".git", ".venv", "build", "ravlt_pl.egg-info", "data", "outputs", "tests"}
+
+    def skip(folder: str, names: list[str]) -> set[str]:
+        return {n for n in names if n == "__pycache__" or (Path(folder) == REPO and n in top_level)}
+
+    shutil.copytree(REPO, source, ignore=skip, symlinks=True)
     out = tmp_path_factory.mktemp("wheel")
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr[-3000:]
