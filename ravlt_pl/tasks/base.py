@@ -104,8 +104,10 @@ class WarmupSchedule(LambdaLR):
 class BaseTask(LightningModule):
     """A thin training loop around a pure-torch model built by the subclass's ``__init__``.
 
-    Subclasses set ``self.model`` (the network) and ``monitor``/``mode`` (the metric that picks the
-    best checkpoint), implement the steps, and call :meth:`write_report` from their epoch ends.
+    Subclasses pass these arguments on through ``**kwargs``, set ``self.model`` (the network) and
+    ``monitor``/``mode`` (the metric that picks the best checkpoint), implement the steps, and write
+    their reports from their epoch ends when :attr:`writes_reports` says so. Every argument, the
+    subclass's and these, is a hyper-parameter (``self.hparams``, saved in checkpoints).
 
     Args:
         optimizer: optimizer class and arguments, given the parameter groups of :func:`param_groups`.
@@ -140,6 +142,9 @@ class BaseTask(LightningModule):
         float32_matmul_precision: Literal["highest", "high", "medium"] | None = None,
     ) -> None:
         super().__init__()
+        # Here, not in the subclasses: the frames of both __init__ are read, so every argument is recorded
+        # (the subclass's own, and these with their defaults even when its **kwargs did not carry them).
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         if float32_matmul_precision:
             torch.set_float32_matmul_precision(float32_matmul_precision)
         self.optimizer = optimizer

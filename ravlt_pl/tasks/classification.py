@@ -66,7 +66,6 @@ class ClassificationTask(BaseTask):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         extra = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
         self.model = build_backbone(variant, backbone_overrides, num_classes=num_classes, **extra)
         self.load_pretrained_backbone(self.model)

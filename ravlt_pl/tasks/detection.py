@@ -69,8 +69,7 @@ class DetectionTask(BaseTask):
         num_drawn_images: int = 4,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        super().__init__(**kwargs)  # records every argument as a hyper-parameter
         if callable(self.hparams.detector):  # built in Python, not from a config: checkpoints keep its name only
             self.hparams.detector = class_spec(detector)
         self.model = detector(num_classes)

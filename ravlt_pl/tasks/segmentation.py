@@ -96,8 +96,7 @@ class SegmentationTask(BaseTask):
         predict_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        self.save_hyperparameters()
+        super().__init__(**kwargs)  # records every argument as a hyper-parameter
         self.num_classes = num_classes
         rate = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
         backbone = build_backbone(variant, backbone_overrides, out_indices=(0, 1, 2, 3), norm_eval=norm_eval, **rate)

@@ -74,3 +74,10 @@ def test_float32_matmul_precision_is_set_for_the_process_when_the_task_is_built(
         assert torch.get_float32_matmul_precision() == "medium"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_every_argument_is_a_hyper_parameter_but_the_optimizer_and_schedule_callables():
+    task = ClassificationTask(num_classes=3, backbone_overrides=TINY, ema_decay=0.9)
+    assert task.hparams["num_classes"] == 3 and task.hparams["ema_decay"] == 0.9
+    assert task.hparams["weight_decay_exempt"] is None and task.hparams["report_dir"] is None  # defaults, not passed
+    assert "optimizer" not in task.hparams and "scheduler" not in task.hparams
