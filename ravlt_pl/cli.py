@@ -333,8 +333,9 @@ def main(args: list[str] | None = None) -> RAVLTCLI | dict | None:
             export(args[1:])
             return
         return build_cli(args)
-    except SIGTERMException:
-        sys.exit("stopped by SIGTERM; a requeued Slurm job resumes by itself, else rerun with --ckpt_path last")
+    except SIGTERMException as err:  # FaultTolerance names the signal, step and checkpoint when it stops a fit
+        sys.exit(str(err) if str(err) else
+                 "stopped by SIGTERM; a requeued Slurm job resumes by itself, else rerun with --ckpt_path last")
     except (DatasetError, CheckpointError, ConfigError, FileNotFoundError) as err:
         message = str(err).split("Original Traceback")[0].strip()
         if "DataLoader worker" in message:  # keep the named file, drop the worker preamble

@@ -148,3 +148,13 @@ def test_checkpoints_load_by_suffix_from_lightning_and_the_authors_form(model, o
                tmp_path / "partial.ckpt")  # fmt: skip
     with pytest.raises(CheckpointError, match="backbone tensors missing"):
         load_weights(build_model("ravlt_t", TINY), tmp_path / "partial.ckpt")
+
+
+@pytest.mark.parametrize("config", ["cls_b.yaml", "det/maskrcnn_b_1x.yaml", "seg/upernet_b_160k.yaml"])
+def test_every_task_config_names_its_backbone_variant(config):
+    """Detection configs hold the variant inside the detector; it must not fall back to the default."""
+    from ravlt_pl.analysis.loading import backbone_spec
+    from ravlt_pl.cli import resolve_config
+
+    variant, _ = backbone_spec(yaml.safe_load(open(resolve_config(config))))
+    assert variant == "ravlt_b"

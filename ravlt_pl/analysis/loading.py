@@ -26,6 +26,8 @@ def read_config(path: str | Path) -> dict:
 def backbone_spec(config: Mapping) -> tuple[str, dict]:
     """``(variant, backbone_overrides)`` of any task config (classification, detection, segmentation)."""
     args = (config.get("model") or {}).get("init_args") or {}
+    # A detection config names its backbone inside the detector (model.init_args.detector.init_args).
+    args = {**args, **(((args.get("detector") or {}).get("init_args")) or {})}
     return args.get("variant", "ravlt_s"), dict(args.get("backbone_overrides") or {})
 
 

@@ -372,7 +372,7 @@ def training_pipelines(paths: dict[str, Path]) -> dict[str, tuple]:
     out = {}
     for name, (dm, collate_fn, what) in dms.items():
         dm.setup("fit")
-        dataset = dm.datasets["train"] if hasattr(dm, "datasets") else dm.train_dataset
+        dataset = dm.datasets["train"]
         out[name] = (dm, CountingDataset(dataset), collate_fn, what)
     return out
 
