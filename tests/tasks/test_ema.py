@@ -51,3 +51,31 @@ def test_checkpoint_keeps_the_average_beside_the_weights_and_validate_evaluates_
     assert torch.equal(validated.model.ema.module.head.weight, state["ema.module.head.weight"])
     assert int(validated.model.ema.averaged.n_averaged) == 1
     assert {"val/top1", "val/ema_top1"} <= set(validated.trainer.callback_metrics)
+
+
+def test_detection_and_segmentation_evaluate_the_ema_when_set():
+    from functools import partial
+
+    from ravlt_pl.models.detection import RAVLTRetinaNet
+    from ravlt_pl.tasks.detection import DetectionTask
+    from ravlt_pl.tasks.segmentation import SegmentationTask
+    from tests.conftest import TINY
+
+    images = torch.rand(1, 3, 64, 64)
+    retinanet = partial(RAVLTRetinaNet, variant="ravlt_t", backbone_overrides=TINY, fpn_channels=16, score_thresh=0.0)
+    cases = [
+        (DetectionTask(retinanet, num_classes=3, ema_decay=0.9), lambda task: task(images)[0]["scores"]),
+        (SegmentationTask(num_classes=3, backbone_overrides=TINY, ema_decay=0.9),
+         lambda task: task.predict_probs(images, [(64, 64)], [(64, 64)])[0]),
+    ]  # fmt: skip
+    with torch.no_grad():
+        for task, evaluate in cases:
+            task.eval()
+            task.ema.on_validation_start(None, task)  # where a trainer makes the copy
+            for param in task.ema.module.parameters():
+                param.add_(0.05 * torch.randn_like(param))  # the average now differs from the model
+            with_ema = evaluate(task)
+            ema, task.ema = task.ema, None
+            assert not torch.equal(evaluate(task), with_ema)  # the model's own weights give another result
+            task.model.load_state_dict(ema.module.state_dict())
+            assert torch.equal(evaluate(task), with_ema), type(task).__name__  # the EMA's weights give this one
