@@ -44,7 +44,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from contextlib import nullcontext
@@ -54,6 +53,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet the profiler's C++ log (
 import torch  # noqa: E402
 import torch.nn.functional as F
 
+from ..reports import atomic_write
 from .reference_ravlt import ReferenceRAVLT, reference_ravlt_s, reference_ravlt_t
 
 DEFAULT_MODELS = [
@@ -522,18 +522,6 @@ def print_data_loading(data):
 
 
 # ----------------------------------------------------------------------------- output
-def atomic_write(path: Path, writer):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=path.suffix)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
-
-
 def print_table(results, args, peak):
     bss = [str(b) for b in args.batch_sizes]
     train = args.train_batch_size > 0

@@ -203,15 +203,19 @@ class BaseTask(LightningModule):
             return True
         return trainer.state.fn == TrainerFn.FITTING and trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
 
-    def weights_source(self) -> str:
+    def weights_source(self, ema: bool = False) -> str:
         """Which weights an evaluation measured, for its report: the checkpoint given to ``validate``/``test``,
-        or the fit's weights where it stands (not its best checkpoint)."""
+        or the fit's weights where it stands (not its best checkpoint); ``ema``: the report is of the
+        averaged weights (detection and segmentation evaluate the EMA when there is one)."""
         trainer = self.trainer
         if trainer.state.fn == TrainerFn.FITTING:
-            return f"this fit's weights at optimizer step {trainer.global_step} (not the best checkpoint)"
-        if trainer.ckpt_path:
-            return f"checkpoint {trainer.ckpt_path}"
-        return "the weights the config builds (no checkpoint given: its pretrained backbone, or random initialisation)"
+            source = (f"this fit's weights at optimizer step {trainer.global_step}, epoch {trainer.current_epoch} "
+                      "(not the best checkpoint)")  # fmt: skip
+        elif trainer.ckpt_path:
+            source = f"checkpoint {trainer.ckpt_path}"
+        else:
+            source = "the weights the config builds (no checkpoint given: its pretrained backbone, or random initialisation)"
+        return source + (", EMA weights" if ema else "")
 
     def report_dir(self) -> Path:
         if self._report_dir:

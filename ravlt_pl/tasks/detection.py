@@ -209,7 +209,7 @@ class DetectionTask(BaseTask):
         detection_report.write_report(
             self.report_dir(), stage,
             model=f"{type(self.model).__name__} ({self.model.variant})",
-            weights=detection_report.weights_source(self.trainer),
+            weights=self.weights_source(ema=self.ema is not None),
             headline=(self.headline, values[self.headline]),
             metrics={iou: {name: values[f"{iou}_{k}"] for k, name in COCO_METRICS.items()} for iou in self.iou_types},
             per_category={iou: per_class_ap(computed, iou, names) for iou in self.iou_types},

@@ -16,8 +16,6 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
-from lightning.pytorch.trainer.states import TrainerFn
 from matplotlib import font_manager
 from PIL import Image
 from torch import Tensor
@@ -33,15 +31,6 @@ MISSING_NOTE = (
 )
 #: Images drawn into the report figure are at least this many pixels on their longer side.
 MIN_DRAWN_SIDE = 480
-
-
-def weights_source(trainer: Trainer) -> str:
-    """Which weights were evaluated: the checkpoint given to ``validate``/``test``, or fit's last epoch."""
-    if trainer.state.fn == TrainerFn.FITTING:
-        return f"last epoch of the fit (epoch {trainer.current_epoch + 1}; not the best checkpoint)"
-    if trainer.ckpt_path:
-        return f"checkpoint {trainer.ckpt_path}"
-    return "the model as built (no checkpoint given: pretrained backbone or random initialisation)"
 
 
 def write_results(out_dir: Path, results: Sequence[dict], iou_types: Sequence[str]) -> list[Path]:
@@ -71,7 +60,7 @@ def write_report(
 
     Args:
         model: what was evaluated, e.g. ``"RAVLTMaskRCNN (ravlt_s)"``.
-        weights: where its weights came from (:func:`weights_source`).
+        weights: where its weights came from (:meth:`~.base.BaseTask.weights_source`).
         headline: the monitored metric's name and value.
         metrics: per IoU type (``bbox``/``segm``), COCO's 12 numbers by name (``AP``, ``AP50``, ...).
         per_category: per IoU type, AP per category present in the ground truth.

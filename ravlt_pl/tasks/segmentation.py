@@ -14,7 +14,7 @@ from ..data.ade20k import IGNORE_INDEX
 from ..models.segmentation import EncoderDecoder, SemanticFPN, resize
 from ..models.variants import build_backbone
 from .base import BaseTask
-from .segmentation_report import GridRow, denormalize, save_mask, weights_source, write_segmentation_report
+from .segmentation_report import GridRow, denormalize, save_mask, write_segmentation_report
 
 #: A segmentor class (or its partial with the config's ``init_args``) called as ``segmentor(backbone, num_classes)``.
 SegmentorBuilder = Callable[[nn.Module, int], EncoderDecoder]
@@ -182,7 +182,7 @@ class SegmentationTask(BaseTask):
                 "segmentor": type(self.model).__name__, "variant": h.variant,
                 "inference": {"mode": h.inference, "scales": list(h.test_scales), "flip": h.test_flip},
             }  # fmt: skip
-            weights = weights_source(self.trainer, ema=self.ema is not None)
+            weights = self.weights_source(ema=self.ema is not None)
             paths = write_segmentation_report(self.report_dir(), stage, scores, self.class_names(), setup, weights, self._grid)
             print(f"report: mIoU {float(scores['mIoU']):.4f} ({weights}); written to {', '.join(map(str, paths.values()))}")
 

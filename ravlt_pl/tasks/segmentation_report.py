@@ -3,7 +3,7 @@
 :class:`~.segmentation.SegmentationTask` calls :func:`write_segmentation_report` when
 ``writes_reports`` says so (``validate``, ``test`` and ``fit``'s validations, rank 0) and
 :func:`save_mask` from ``predict``. Every number is a fraction with 4 decimals; every report names
-the weights it measured (:func:`weights_source`). The writers themselves (atomic JSON, Markdown,
+the weights it measured (:meth:`~.base.BaseTask.weights_source`). The writers themselves (atomic JSON, Markdown,
 PNG) are the shared ones of :mod:`ravlt_pl.reports`.
 """
 
@@ -17,8 +17,6 @@ from typing import Any, Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from lightning.pytorch import Trainer
-from lightning.pytorch.trainer.states import TrainerFn
 from matplotlib.colors import ListedColormap
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -33,18 +31,6 @@ SCORES = ("mIoU", "mAcc", "aAcc")
 LEGEND_CLASSES, LEGEND_COLUMNS = 24, 4
 
 
-def weights_source(trainer: Trainer, ema: bool) -> str:
-    """Which weights were measured: the checkpoint given to validate/test, or the fit's current step
-    (iteration-based fits write their report at every validation, each replacing the last)."""
-    if trainer.state.fn == TrainerFn.FITTING:
-        source = f"the fit's weights at step {trainer.global_step} (epoch {trainer.current_epoch}; not the best checkpoint)"
-    elif trainer.ckpt_path:
-        source = f"checkpoint {trainer.ckpt_path}"
-    else:
-        source = "no checkpoint: the weights the config builds (its pretrained backbone, or random)"
-    return source + (", EMA weights" if ema else "")
-
-
 def write_segmentation_report(
     out_dir: Path,
     stage: str,
@@ -57,7 +43,7 @@ def write_segmentation_report(
     """``segmentation_<stage>.json`` / ``.md`` (and ``_grid.png`` when ``grid`` has rows) in ``out_dir``.
 
     ``setup`` describes the run (``segmentor``, ``variant``, ``inference``: mode, scales, flip) and is
-    copied into the JSON; ``weights`` is :func:`weights_source`'s line.
+    copied into the JSON; ``weights`` is :meth:`~.base.BaseTask.weights_source`'s line.
     """
     iou, acc = scores["IoU"].tolist(), scores["Acc"].tolist()
     overall = {k: float(scores[k]) for k in SCORES}

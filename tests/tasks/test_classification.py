@@ -39,7 +39,7 @@ def test_validate_writes_report_with_ema(synthetic_cls, tmp_path):
     assert "fractions from 0 to 1" in markdown and "`ema_` rows" in markdown
     assert (report_dir / "classification_val_confusion.png").stat().st_size > 1000
     fit_report = json.loads(next(tmp_path.rglob("reports/fit/classification_val.json")).read_text())
-    assert fit_report["weights"] == "this fit's weights at optimizer step 1 (not the best checkpoint)"
+    assert fit_report["weights"] == "this fit's weights at optimizer step 1, epoch 0 (not the best checkpoint)"
 
 
 def test_predict_writes_top5_per_file(synthetic_cls, tmp_path):

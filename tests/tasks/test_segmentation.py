@@ -161,12 +161,12 @@ def test_validate_report_and_predict_masks(ade_root: Path, tmp_path: Path) -> No
     main(["validate", *cli_args(config, ade_root, tmp_path, *tta)])
     data = json.loads((tmp_path / "report/segmentation_val.json").read_text())
     assert data["inference"] == {"mode": "slide", "scales": [0.75, 1.0], "flip": True}
-    assert data["segmentor"] == "UperNet" and data["weights"].startswith("no checkpoint")
+    assert data["segmentor"] == "UperNet" and data["weights"].startswith("the weights the config builds (no checkpoint given")
     assert len(data["per_class"]) == 5 and {"mIoU", "mAcc", "aAcc"} <= data.keys()
     fractions = [data[k] for k in ("mIoU", "mAcc", "aAcc")] + [r[k] for r in data["per_class"] for k in ("IoU", "Acc")]
     assert all(v is None or (0 <= v <= 1 and v == round(v, 4)) for v in fractions)
     markdown = (tmp_path / "report/segmentation_val.md").read_text()
-    assert "| class | IoU | Acc |" in markdown and "class 4" in markdown and "Weights: no checkpoint" in markdown
+    assert "| class | IoU | Acc |" in markdown and "class 4" in markdown and "Weights: the weights the config builds" in markdown
     cells = re.findall(r"\| ([\d.-]+) (?=\|)", markdown)
     assert len(cells) == 3 + 2 * 5 and all(c == "-" or re.fullmatch(r"[01]\.\d{4}", c) for c in cells)
     assert Image.open(tmp_path / "report/segmentation_val_grid.png").size[0] > 100
@@ -183,7 +183,7 @@ def test_reports_name_the_weights_they_measured(ade_root: Path, tmp_path: Path) 
     config = "configs/demo/seg.yaml"
     main(["fit", *cli_args(config, ade_root, tmp_path / "fit", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2")])
     fit_report = json.loads(next((tmp_path / "fit").rglob("reports/fit/segmentation_val.json")).read_text())
-    assert fit_report["weights"].startswith("the fit's weights at step 2 ")
+    assert fit_report["weights"].startswith("this fit's weights at optimizer step 2, ")
     checkpoint = next((tmp_path / "fit").rglob("*.ckpt"))
     report_dir = tmp_path / "validate"
     main(["validate", *cli_args(config, ade_root, tmp_path, "--model.init_args.report_dir", str(report_dir)),
