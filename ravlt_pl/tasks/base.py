@@ -22,21 +22,31 @@ from ..models import load_official
 log = logging.getLogger(__name__)
 
 
+#: What mmcv's ``paramwise_cfg.norm_decay_mult`` counts as a normalisation layer.
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+
+
 def param_groups(model: nn.Module, exempt: Sequence[str]) -> list[dict]:
     """AdamW groups: parameters that decay, and those ``exempt`` names with weight decay 0.
 
-    An entry of ``exempt`` is either ``"1d"``, every parameter of at most one dimension and every
-    bias (timm's ``create_optimizer`` rule that DeiT trains with: RAVLT's layer-scale gammas are
-    (1, C, 1, 1) and so still decay), or a substring of the parameter name (mmcv's ``paramwise_cfg``
-    ``custom_keys`` with ``decay_mult=0``, e.g. ``"norm"``). An empty ``exempt`` decays everything.
+    An entry of ``exempt`` is ``"1d"``, every parameter of at most one dimension and every bias
+    (timm's ``create_optimizer`` rule that DeiT trains with: RAVLT's layer-scale gammas are
+    (1, C, 1, 1) and so still decay); ``"norm_layers"``, the parameters of every normalisation layer
+    (mmcv's ``norm_decay_mult=0``: BatchNorm, SyncBatchNorm, GroupNorm, LayerNorm, whatever their
+    names); or a substring of the parameter name (mmcv's ``custom_keys`` with ``decay_mult=0``, e.g.
+    ``"norm"``). An empty ``exempt`` decays everything.
     """
-    keys = [key for key in exempt if key != "1d"]
+    keys = [key for key in exempt if key not in ("1d", "norm_layers")]
+    in_norm_layers = set()
+    if "norm_layers" in exempt:
+        in_norm_layers = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         one_dim = "1d" in exempt and (param.ndim <= 1 or name.rsplit(".", 1)[-1] == "bias")
-        (no_decay if one_dim or any(key in name for key in keys) else decay).append(param)
+        exempted = one_dim or id(param) in in_norm_layers or any(key in name for key in keys)
+        (no_decay if exempted else decay).append(param)
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [group for group in groups if group["params"]]
 
