@@ -4,84 +4,31 @@ State-dict names follow the authors' release (``patch_embed.proj.*``, ``layers.{
 ``proj``/``norm``/``head``, ``extra_norms.{i}``) except the rotary table, ``layers.{i}.rope`` here
 (``RoPE`` there); :func:`ravlt_pl.models.checkpoint.checkpoint_filter_fn` maps the difference.
 
-Speed: the network runs channels-last inside (the input is converted once; 1x1 convs are then plain
-GEMMs, depthwise convs and LayerNorms read contiguous channels, and the attention reads tokens as
-free views), so returned dense maps are channels-last too (memory format only; shapes as always).
-In float32 inference the residual ``x + dwconv(x)`` of ``pos`` and of the FFN is one conv whose
-(cached) kernel centre carries the identity, and layer-scale residuals are one ``addcmul``.
+Each module's forward is the paper's maths (``docs/architecture.md``); with its ``fast`` switch on
+(the default; :meth:`RAVLT.set_fast_path`, ``RAVLT_FAST_PATH=0``) the same computation runs through
+the kernels of :mod:`ravlt_pl.models.fast`. The network runs channels-last inside (the input is
+converted once; 1x1 convs are then plain GEMMs, depthwise convs and LayerNorms read contiguous
+channels, and the fast attention reads tokens as free views), so returned dense maps are
+channels-last too (memory format only; shapes as always).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.utils import flop_counter
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, register_notrace_module, trunc_normal_
+from timm.layers import SelectAdaptivePool2d
 from timm.models import FeatureInfo
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import adapt_input_conv
 from torch import nn
 
-from .attention import AttentionType, RotaryTable, build_attention
-
-
-_MKLDNN_POINTWISE = (
-    torch.ops.mkldnn._convolution_pointwise.default
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-    else None
-)
-if _MKLDNN_POINTWISE is not None and torch.ops.mkldnn._convolution_pointwise not in flop_counter.flop_registry:
-
-    @flop_counter.register_flop_formula(torch.ops.mkldnn._convolution_pointwise)
-    def _conv_pointwise_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        """So ``torch.utils.flop_counter`` (``summary``'s GFLOPs) counts the fused conv like a conv."""
-        return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
-
-
-def _float32_inference(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Eager float32 inference (no autograd, autocast or compiler): where weight folds and fused
-    oneDNN kernels apply."""
-    return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or x.dtype != torch.float32
-                or w.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type))  # fmt: skip
-
-
-def conv_gelu(conv: nn.Conv2d, act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
-    """``act(conv(x))``; on CPU in float32 inference one oneDNN kernel with GELU as its post-op.
-
-    Written by hand because eager PyTorch has no public fused conv+GELU (``torch.compile`` with
-    freezing uses this same oneDNN op); the separate GELU pass over the 3.5×-wide hidden map was
-    ~6% of RAVLT-S inference. Equal to the two-step form to float32 rounding (erf GELU both ways).
-    """
-    if (x.device.type == "cpu" and act.approximate == "none" and _MKLDNN_POINTWISE is not None
-            and _float32_inference(x, conv.weight) and isinstance(conv.padding, tuple)):  # fmt: skip
-        return _MKLDNN_POINTWISE(x, conv.weight, conv.bias, list(conv.padding), list(conv.stride),
-                                 list(conv.dilation), conv.groups, "gelu", [], "none")  # fmt: skip
-    return act(conv(x))
-
-
-def conv_plus_identity(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``x + conv(x)`` for a same-size depthwise conv; one conv pass in float32 inference.
-
-    Without autograd, in float32 and outside autocast and ``torch.compile``, the identity joins the
-    kernel centre (``conv(x, w + δ) == x + conv(x, w)``). The folded kernel is cached on the module
-    per weight version: oneDNN is much slower with a freshly allocated weight on every call, so the
-    fold is not used where the weight would be rebuilt each time (training, compiled graphs). Under
-    autocast or in half precision the sum stays explicit, so the identity path keeps the residual's
-    precision instead of being rounded to the conv's dtype.
-    """
-    w = conv.weight
-    if not _float32_inference(x, w):
-        return x + conv(x)
-    key = (w.data_ptr(), w._version, w.device)
-    cached = conv.__dict__.get("_folded_kernel")
-    if cached is None or cached[0] != key:
-        with torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
-            folded = w.detach().clone()
-            kh, kw = folded.shape[-2:]
-            folded[..., kh // 2, kw // 2] += 1.0
-        cached = conv.__dict__["_folded_kernel"] = (key, folded)
-    return F.conv2d(x, cached[1], conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+from . import fast as fast_kernels
+from .attention import AttentionType, RopeTables, RotaryTable, build_attention
 
 
 class LayerNorm2d(nn.Module):
@@ -106,12 +53,18 @@ class ConvFFN(nn.Module):
         self.act = nn.GELU()
         self.dwconv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
         self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.fast = fast_kernels.use_fast_path()
+        self._dwconv_plus_identity = fast_kernels.IdentityFoldedKernel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = conv_gelu(self.fc1, self.act, x)
-        return self.fc2(conv_plus_identity(self.dwconv, x))
+        if self.fast:
+            h = fast_kernels.conv_gelu(self.fc1, self.act, x)
+            return self.fc2(self._dwconv_plus_identity(self.dwconv, h))
+        h = self.act(self.fc1(x))
+        return self.fc2(h + self.dwconv(h))
 
 
+@register_notrace_module  # torch.fx: the fast path branches on dtypes and autograd state
 class Block(nn.Module):
     """``x + pos(x)``, then pre-norm attention and FFN residuals with optional layer scale."""
 
@@ -136,27 +89,23 @@ class Block(nn.Module):
         if layerscale:
             self.gamma_1 = nn.Parameter(torch.full((1, dim, 1, 1), float(layer_init_value)))
             self.gamma_2 = nn.Parameter(torch.full((1, dim, 1, 1), float(layer_init_value)))
+        self.fast = fast_kernels.use_fast_path()
+        self._pos_plus_identity = fast_kernels.IdentityFoldedKernel()
 
-    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-        x = conv_plus_identity(self.pos, x)
-        x = self._residual(x, self.attn(self.norm1(x), sin, cos), self.gamma_1 if self.layerscale else None)
-        return self._residual(x, self.ffn(self.norm2(x)), self.gamma_2 if self.layerscale else None)
+    def forward(self, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+        gamma_1, gamma_2 = (self.gamma_1, self.gamma_2) if self.layerscale else (None, None)
+        if self.fast:
+            x = self._pos_plus_identity(self.pos, x)
+            attn = self.attn(self.norm1(x), rope.sin, rope.cos, forms=rope.forms)
+            x = fast_kernels.residual(x, attn, gamma_1, self.drop_path, self.training)
+            return fast_kernels.residual(x, self.ffn(self.norm2(x)), gamma_2, self.drop_path, self.training)
+        x = x + self.pos(x)
+        x = x + self.drop_path(_scaled(gamma_1, self.attn(self.norm1(x), rope.sin, rope.cos)))
+        return x + self.drop_path(_scaled(gamma_2, self.ffn(self.norm2(x))))
 
-    def _residual(self, x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
-        """``x + drop_path(gamma * branch)`` in one ``addcmul`` (the drop-path mask joins the gamma)."""
-        dp = self.drop_path
-        if isinstance(dp, DropPath) and self.training and dp.drop_prob > 0.0:  # same draws as timm's DropPath
-            keep = 1.0 - dp.drop_prob
-            mask = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep)
-            if keep > 0.0 and dp.scale_by_keep:
-                mask.div_(keep)
-            gamma = mask if gamma is None else gamma * mask
-        if (not torch.is_grad_enabled() and branch.shape == x.shape and branch.dtype == x.dtype
-                and (gamma is None or gamma.dtype == x.dtype)):
-            # Without autograd the sum goes into the branch, this block's own fresh output: one
-            # activation-sized allocation less per residual (fewer page faults on CPU).
-            return branch.add_(x) if gamma is None else torch.addcmul(x, gamma, branch, out=branch)
-        return x + branch if gamma is None else torch.addcmul(x, gamma, branch)
+
+def _scaled(gamma: torch.Tensor | None, branch: torch.Tensor) -> torch.Tensor:
+    return branch if gamma is None else gamma * branch
 
 
 class Downsample(nn.Module):
@@ -183,12 +132,12 @@ class Stage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Blocks only; the caller applies ``downsample`` (dense outputs are taken in between)."""
-        sin, cos = self.rope(x.shape[-2], x.shape[-1])
+        rope = self.rope(x.shape[-2], x.shape[-1])
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(block, x, sin, cos, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, sin, cos)
+                x = block(x, rope)
         return x
 
 
@@ -222,8 +171,15 @@ class RAVLT(nn.Module):
     """Rank-Augmented Vision Linear Transformer.
 
     ``out_indices=None`` builds the classifier (returns logits ``(B, num_classes)``); a tuple of
-    stage indices builds the dense backbone (returns one normalised map per listed stage, strides
-    4/8/16/32) whose BatchNorms stay frozen in train mode when ``norm_eval`` is true.
+    stage indices (negative ones count from the end) builds the dense backbone (returns one
+    normalised map per listed stage, strides 4/8/16/32) whose BatchNorms stay frozen in train mode
+    when ``norm_eval`` is true. Following timm, ``num_features`` is the width of
+    :meth:`forward_features` (the last stage) and ``head_hidden_size`` the pre-logits width after
+    the 1×1 ``proj`` (``projection``); ``global_pool=""`` keeps the map unpooled.
+
+    Parameters are channels-last, as the network runs (the input is converted once), so gradients
+    have the parameters' strides (no DDP stride warnings); ``fast`` switches are set by
+    :meth:`set_fast_path`.
     """
 
     def __init__(
@@ -236,11 +192,14 @@ class RAVLT(nn.Module):
         layer_init_values: float | Sequence[float] = 1.0,
         projection: int = 1024,
         num_classes: int = 1000,
+        global_pool: str = "avg",
         drop_path_rate: float = 0.0,
         attention: Sequence[AttentionType] = ("linear", "linear", "softmax", "softmax"),
         out_indices: Sequence[int] | None = None,
         norm_eval: bool = True,
         in_chans: int = 3,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         embed_dims, depths, num_heads = list(embed_dims), list(depths), list(num_heads)
@@ -253,55 +212,63 @@ class RAVLT(nn.Module):
         self.embed_dims, self.depths, self.num_heads = embed_dims, depths, num_heads
         self.attention = attention
         self.num_classes = num_classes
-        self.out_indices = tuple(out_indices) if out_indices is not None else None
+        self.in_chans = in_chans
+        self.out_indices = _stage_indices(out_indices) if out_indices is not None else None
         self.norm_eval = norm_eval and self.out_indices is not None
-        self.num_features = self.head_hidden_size = projection
+        self.num_features = embed_dims[-1]
+        self.head_hidden_size = projection
 
-        self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
-        total = sum(depths)  # stochastic depth rises linearly from 0 over all blocks
-        rates = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]
-        self.layers = nn.ModuleList()
-        for i in range(4):
-            start = sum(depths[:i])
-            self.layers.append(
-                Stage(
-                    embed_dims[i],
-                    embed_dims[i + 1] if i < 3 else None,
-                    depths[i],
-                    num_heads[i],
-                    rates[start : start + depths[i]],
-                    mlp_ratio=mlp_ratios[i],
-                    attention=attention[i],
-                    layerscale=layerscales[i],
-                    layer_init_value=layer_init_values[i],
+        with torch.device(device) if device is not None else nullcontext():
+            self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
+            total = sum(depths)  # stochastic depth rises linearly from 0 over all blocks
+            rates = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]
+            self.layers = nn.ModuleList()
+            for i in range(4):
+                start = sum(depths[:i])
+                self.layers.append(
+                    Stage(
+                        embed_dims[i],
+                        embed_dims[i + 1] if i < 3 else None,
+                        depths[i],
+                        num_heads[i],
+                        rates[start : start + depths[i]],
+                        mlp_ratio=mlp_ratios[i],
+                        attention=attention[i],
+                        layerscale=layerscales[i],
+                        layer_init_value=layer_init_values[i],
+                    )
                 )
-            )
-
-        if self.out_indices is None:
-            self.proj = nn.Conv2d(embed_dims[-1], projection, 1)
-            self.norm = nn.BatchNorm2d(projection)
-            self.act = nn.SiLU()
-            self.pool = nn.AdaptiveAvgPool2d(1)
-            self.head = nn.Conv2d(projection, num_classes, 1) if num_classes > 0 else nn.Identity()
             self.feature_info = [
                 dict(num_chs=c, reduction=4 * 2**i, module=f"layers.{i}") for i, c in enumerate(embed_dims)
             ]
-        else:
-            bad = [i for i in self.out_indices if not 0 <= i < 4]
-            if bad:
-                raise ValueError(f"out_indices must lie in 0..3, got {list(self.out_indices)}")
-            self.extra_norms = nn.ModuleDict({str(i): LayerNorm2d(embed_dims[i]) for i in self.out_indices})
-            self.feature_info = FeatureInfo(
-                [dict(num_chs=c, reduction=4 * 2**i, module=f"extra_norms.{i}") for i, c in enumerate(embed_dims)],
-                self.out_indices,
-            )
-        self.apply(_init_weights)
+            if self.out_indices is None:
+                self.proj = nn.Conv2d(embed_dims[-1], projection, 1)
+                self.norm = nn.BatchNorm2d(projection)
+                self.act = nn.SiLU()
+                self.global_pool = _global_pool(global_pool)
+                self.head = nn.Conv2d(projection, num_classes, 1) if num_classes > 0 else nn.Identity()
+            else:
+                self.extra_norms = nn.ModuleDict({str(i): LayerNorm2d(embed_dims[i]) for i in self.out_indices})
+                self.feature_info = FeatureInfo(
+                    [dict(info, module=f"extra_norms.{i}") for i, info in enumerate(self.feature_info)], self.out_indices
+                )
+            self.apply(_init_weights)
+        for m in self.modules():  # weights only: (1, C, 1, 1) gammas keep the strides of their gradients
+            if isinstance(m, nn.Conv2d):
+                m.to(memory_format=torch.channels_last)
+        self.to(dtype=dtype)
 
     # -- timm-style conveniences ------------------------------------------------------------------
     @property
     def out_channels(self) -> list[int]:
         """Channels of each returned map (dense form)."""
         return [self.embed_dims[i] for i in self.out_indices or ()]
+
+    def set_fast_path(self, enabled: bool = True) -> None:
+        """Switch every module between the fast kernels and the reference maths (``fast``)."""
+        for module in self.modules():
+            if hasattr(module, "fast"):
+                module.fast = enabled
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -325,12 +292,22 @@ class RAVLT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head for ``num_classes`` (0: none) on the device and dtype of the model; ``global_pool``
+        replaces the pooling (``""``: none) when given."""
         if self.out_indices is not None:
             raise RuntimeError("the dense RAVLT (out_indices set) has no classifier")
         self.num_classes = num_classes
-        self.head = nn.Conv2d(self.num_features, num_classes, 1) if num_classes > 0 else nn.Identity()
+        if global_pool is not None:
+            self.global_pool = _global_pool(global_pool)
         if num_classes > 0:
+            ref = next(self.parameters())
+            self.head = nn.Conv2d(self.head_hidden_size, num_classes, 1, device=ref.device, dtype=ref.dtype)
             _init_weights(self.head)
+            self.head.to(memory_format=torch.channels_last)
+        else:
+            self.head = nn.Identity()
+        self.head.train(self.training)
+        self.global_pool.train(self.training)
 
     def train(self, mode: bool = True) -> "RAVLT":
         super().train(mode)
@@ -340,28 +317,104 @@ class RAVLT(nn.Module):
                     m.eval()
         return self
 
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str | Path) -> None:
+        """timm's ``pretrained=True`` (``custom_load``): an authors' release through
+        :func:`~ravlt_pl.models.checkpoint.load_official`; a classifier for other classes gets a new
+        head, another ``in_chans`` an adapted stem (timm's ``adapt_input_conv``)."""
+        from .checkpoint import checkpoint_filter_fn, extract_backbone_state, load_official, read_checkpoint
+
+        raw, source = read_checkpoint(checkpoint_path)
+        state = checkpoint_filter_fn(extract_backbone_state(raw, source), self)
+        stem = "patch_embed.proj.0.weight"
+        if stem in state and state[stem].shape[1] != self.in_chans:
+            state[stem] = adapt_input_conv(self.in_chans, state[stem])
+        head = "head.weight"
+        keep_head = head in state and head in self.state_dict() and state[head].shape == self.state_dict()[head].shape
+        load_official(self, state, exclude=() if keep_head else ("head.",))
+
     # -- forward ----------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Classifier: the last stage map (B, C3, H/32, W/32). Dense: the list of normalised maps."""
+        if self.out_indices is not None:
+            return self.forward_intermediates(x, self.out_indices, norm=True, stop_early=True, intermediates_only=True)
         x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
-        outs = []
-        for i, stage in enumerate(self.layers):
+        for stage in self.layers:
             x = stage(x)
-            if self.out_indices is not None and i in self.out_indices:
-                outs.append(self.extra_norms[str(i)](x))
             if stage.downsample is not None:
-                if self.out_indices is not None and i >= max(self.out_indices):
-                    break
                 x = stage.downsample(x)
-        return outs if self.out_indices is not None else x
+        return x
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stage outputs listed in ``indices`` (timm's meaning: an int n takes the last n stages),
+        each before its downsample; ``norm`` applies the dense form's ``extra_norms`` where present.
+        Returns ``(last stage map, intermediates)``, or only the intermediates."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take, last = feature_take_indices(len(self.layers), indices)
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
+        intermediates = []
+        stages = self.layers if not stop_early else self.layers[: last + 1]
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take:
+                extra_norms = getattr(self, "extra_norms", {})
+                intermediates.append(extra_norms[str(i)](x) if norm and str(i) in extra_norms else x)
+            if stage.downsample is not None and i + 1 < len(stages):
+                x = stage.downsample(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last of ``indices``; with ``prune_head`` the classifier's
+        ``proj``/``norm``/``head`` and pooling too, so ``forward`` returns the last kept stage's map.
+        (RAVLT has no norm after its last stage: ``prune_norm`` has nothing to drop.)"""
+        take, last = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[: last + 1]
+        self.layers[-1].downsample = None
+        self.num_features = self.embed_dims[last]
+        if prune_head and self.out_indices is None:
+            self.proj, self.norm, self.act = nn.Identity(), nn.Identity(), nn.Identity()
+            self.head_hidden_size = self.num_features
+            self.reset_classifier(0, "")
+        return take
+
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.pool(self.act(self.norm(self.proj(x))))  # (B, projection, 1, 1)
-        return x.flatten(1) if pre_logits else self.head(x).flatten(1)
+        x = self.global_pool(self.act(self.norm(self.proj(x))))  # (B, projection, 1, 1), or unpooled
+        pooled = not self.global_pool.is_identity()
+        if pre_logits:
+            return x.flatten(1) if pooled else x
+        x = self.head(x)
+        return x.flatten(1) if pooled else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         x = self.forward_features(x)
         return x if self.out_indices is not None else self.forward_head(x)
+
+
+def _stage_indices(indices: Sequence[int]) -> tuple[int, ...]:
+    """Stage indices 0..3, negative ones counted from the end (timm's ``out_indices=(-1,)``)."""
+    bad = [i for i in indices if not -4 <= i < 4]
+    if bad:
+        raise ValueError(f"out_indices must lie in -4..3, got {list(indices)}")
+    return tuple(sorted({i % 4 for i in indices}))
+
+
+def _global_pool(pool_type: str) -> SelectAdaptivePool2d:
+    """timm's pooling, unflattened (the head is a 1×1 conv); concatenating pools would change its width."""
+    if pool_type.startswith("cat"):
+        raise ValueError(f"global_pool {pool_type!r} concatenates; RAVLT's head takes one pooled map")
+    return SelectAdaptivePool2d(pool_type=pool_type, flatten=False)
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -29,6 +29,10 @@ def variant_kwargs(name: str, **overrides) -> dict:
     return {**COMMON, **VARIANTS[name], **overrides}
 
 
+#: The authors' released ImageNet-1k weights (DeiT-style ``{"model": ..., "model_ema": ...}``).
+HF_HUB_ID = "aldjalkdf/RAVLT"
+
+
 def _cfg(**kwargs) -> dict:
     return dict(
         url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
@@ -37,13 +41,20 @@ def _cfg(**kwargs) -> dict:
     )  # fmt: skip
 
 
-default_cfgs = generate_default_cfgs({f"{name}.in1k": _cfg() for name in VARIANTS})
+# ``custom_load``: timm hands the downloaded file (or ``pretrained_cfg_overlay=dict(file=...)``) to
+# RAVLT.load_pretrained, which reads the release through ravlt_pl.models.checkpoint (DeiT dicts and
+# the authors' names) instead of timm's plain state-dict loader.
+default_cfgs = generate_default_cfgs({
+    f"{name}.in1k": _cfg(hf_hub_id=HF_HUB_ID, hf_hub_filename=f"RAVLT_{name[-1].upper()}.pth", custom_load="hf")
+    for name in VARIANTS
+})  # fmt: skip
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> RAVLT:
-    if kwargs.pop("features_only", False):  # our dense form is the features model
+    if kwargs.get("features_only") and "feature_cls" not in kwargs:  # our dense form is the features model
+        del kwargs["features_only"]
         kwargs["out_indices"] = tuple(kwargs.get("out_indices") or (0, 1, 2, 3))
-    else:
+    elif not kwargs.get("features_only"):  # (a feature_cls: timm wraps the classifier's forward_intermediates)
         kwargs.pop("out_indices", None)
     return build_model_with_cfg(
         RAVLT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **variant_kwargs(variant, **kwargs)

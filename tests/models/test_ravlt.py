@@ -61,7 +61,7 @@ def test_rope_angle_formula_on_fresh_model():
     table = RotaryTable(head_dim=16)
     expected = (1.0 / 10000 ** torch.linspace(0, 1, 4)).repeat_interleave(2)
     torch.testing.assert_close(table.angle, expected)
-    sin, cos = table(3, 5)
+    sin, cos = table(3, 5)[:2]
     assert sin.shape == cos.shape == (15, 16)
     # row-major tokens: token (h=2, w=4) is index 14; first half encodes h, second half w.
     torch.testing.assert_close(sin[14, :8], torch.sin(2 * expected))
@@ -71,7 +71,7 @@ def test_rope_angle_formula_on_fresh_model():
 def test_rope_tables_are_cached_per_size_and_reset_by_loading():
     table = RotaryTable(head_dim=8)
     first = table(4, 4)
-    assert table(4, 4)[0] is first[0]
+    assert table(4, 4).sin is first.sin
     assert table(4, 6)[0] is not first[0]
     table.load_state_dict({"angle": torch.ones(4)})
     torch.testing.assert_close(table(4, 4)[0][5], torch.sin(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])))
@@ -148,3 +148,16 @@ def test_tables_built_under_inference_mode_serve_training_later():
         torch.testing.assert_close(model(x), expected)  # the cached tables, outside inference_mode
     model(x).sum().backward()  # reused with autograd on
     assert model.layers[0].blocks[0].attn.qkvo.weight.grad is not None
+
+
+def test_a_new_attention_type_is_one_class_and_one_registry_entry(monkeypatch):
+    from ravlt_pl.models.attention import ATTENTION_TYPES, RankAugmentedLinearAttention
+
+    class PlainLinearAttention(RankAugmentedLinearAttention):
+        def __init__(self, dim: int, num_heads: int) -> None:
+            super().__init__(dim, num_heads, reweight_keys=False, gate=False)
+
+    monkeypatch.setitem(ATTENTION_TYPES, "plain_linear", PlainLinearAttention)
+    model = RAVLT(**TINY, attention=["plain_linear", "linear", "softmax", "softmax"]).eval()
+    assert type(model.layers[0].blocks[0].attn) is PlainLinearAttention
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
