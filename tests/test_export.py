@@ -1,0 +1,187 @@
+"""``ravlt_pl.export``: ONNX and ``.pt2`` exports that reproduce the eager model, and the ``export`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ravlt_pl.export import ExportError, check_plain_aten, export_model, load_weights, main, reference_kernels
+from ravlt_pl.models import RAVLT, CheckpointError, build_backbone, load_official
+
+from .conftest import TINY
+
+CLS_DEMO = "demo/cls.yaml"  # looked up under configs/
+
+
+@pytest.fixture()
+def classifier(official_cls) -> RAVLT:
+    """A tiny classifier carrying the authors' weights (logits of order 0.1, not ~0 as at init)."""
+    model = RAVLT(**official_cls["config"]).eval()
+    load_official(model, official_cls["state_dict"])
+    return model
+
+
+def eager(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(images)
+
+
+def test_onnx_export_matches_eager_at_224_and_at_a_non_square_size(classifier, tmp_path):
+    onnx = pytest.importorskip("onnx", reason="ONNX export needs the export extra: pip install 'ravlt_pl[export]'")
+    onnxruntime = pytest.importorskip("onnxruntime", reason="checking the export needs onnxruntime (export extra)")
+    path = tmp_path / "ravlt.onnx"
+    assert export_model(classifier, path, "onnx", input_size=(224, 224)) <= 1e-4
+
+    graph = onnx.load(path).graph
+    assert {node.domain for node in graph.node} <= {"", "ai.onnx"}  # standard operators only
+    assert [d.dim_param != "" for d in graph.input[0].type.tensor_type.shape.dim] == [True, False, True, True]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in ((1, 3, 224, 224), (2, 3, 160, 224)):
+        images = torch.randn(shape)
+        (logits,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+        expected = eager(classifier, images)
+        assert expected.abs().max() > 0.05  # a check with signal in it
+        torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=0, atol=1e-4)
+
+
+def test_pt2_loads_and_runs_in_a_process_that_never_imports_ravlt_pl(classifier, tmp_path):
+    path = tmp_path / "ravlt.pt2"
+    export_model(classifier, path, "pt2", input_size=(224, 224))
+    inputs = {"square": torch.randn(1, 3, 224, 224), "non_square": torch.randn(2, 3, 160, 224)}
+    torch.save(inputs, tmp_path / "inputs.pt")
+    loader = (
+        "import sys, torch\n"
+        "inputs = torch.load('inputs.pt')\n"
+        "with open('ravlt.pt2', 'rb') as f:\n"
+        "    model = torch.export.load(f).module()\n"
+        "torch.save({name: model(x) for name, x in inputs.items()}, 'outputs.pt')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ravlt_pl'))\n"
+    )
+    # -I: no current folder or PYTHONPATH on sys.path; an op registered by ravlt_pl would fail to load.
+    run = subprocess.run([sys.executable, "-I", "-c", loader], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+    outputs = torch.load(tmp_path / "outputs.pt")
+    for name, images in inputs.items():
+        torch.testing.assert_close(outputs[name], eager(classifier, images), rtol=0, atol=1e-4)
+
+
+def test_export_turns_the_fast_path_off_only_while_tracing():
+    model = RAVLT(**TINY, num_classes=3)
+    model.layers[0].blocks[0].fast = False  # a mixed state comes back as it was
+    before = {name: m.fast for name, m in model.named_modules() if hasattr(m, "fast")}
+    assert any(before.values())
+    with reference_kernels(model):
+        assert not any(m.fast for m in model.modules() if hasattr(m, "fast"))
+    assert {name: m.fast for name, m in model.named_modules() if hasattr(m, "fast")} == before
+
+
+def test_a_failed_check_keeps_the_existing_file(tmp_path):
+    model = RAVLT(**TINY, num_classes=3).eval()
+    model.set_fast_path(True)  # the eager reference runs other kernels: a nonzero difference
+    path = tmp_path / "model.pt2"
+    path.write_bytes(b"previous export")
+    with pytest.raises(ExportError, match="differs from the eager model.*nothing written"):
+        export_model(model, path, "pt2", input_size=(64, 64), dynamic=False, atol=0.0)
+    assert path.read_bytes() == b"previous export"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt2"]  # no temporary file left
+
+
+def test_command_exports_a_config_with_the_authors_weights(official_cls, tmp_path, capsys):
+    """``export`` on the demo config shaped like the fixture, with the authors' checkpoint (the DeiT
+    form, argparse options included): the ONNX model reproduces the authors' logits."""
+    onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX export needs the export extra: pip install 'ravlt_pl[export]'")
+    config = {k: v for k, v in official_cls["config"].items() if k != "num_classes"}
+    release = tmp_path / "ravlt_tiny.pth"
+    torch.save({"model": official_cls["state_dict"], "args": argparse.Namespace(model="ravlt_tiny")}, release)
+    out = tmp_path / "exports" / "cls.onnx"
+    images = official_cls["input"][:1]  # (1, 3, 96, 128)
+    main([
+        "--config", CLS_DEMO, "--ckpt", str(release), "--format", "onnx", "--out", str(out), "--static",
+        "--input-size", *map(str, images.shape[-2:]),
+        "--model.init_args.backbone_overrides", json.dumps(config), "--data.init_args.num_classes", "10",
+    ])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert f"wrote {out} (onnx, classifier: images (B, 3, H, W) -> logits (B, 10)" in printed
+    assert "authors' release" in printed and "max abs error" in printed
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    torch.testing.assert_close(torch.from_numpy(logits), official_cls["logits"][:1], rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("config", "exported"),
+    [("demo/seg.yaml", "segmentor: images (B, 3, H, W) -> logits (B, classes, H, W)"),
+     ("demo/det.yaml", "detector backbone + FPN only")],
+)  # fmt: skip
+def test_command_exports_dense_task_networks(config, exported, tmp_path, capsys):
+    out = tmp_path / "model.pt2"
+    main(["--config", config, "--format", "pt2", "--out", str(out), "--static", "--input-size", "64", "96"])
+    assert exported in capsys.readouterr().out
+    with open(out, "rb") as f:
+        outputs = torch.export.load(f).module()(torch.randn(1, 3, 64, 96))
+    assert all(t.isfinite().all() for t in (outputs.values() if isinstance(outputs, dict) else [outputs]))
+
+
+def test_lightning_checkpoint_loads_the_network_or_its_ema(tmp_path):
+    network = build_backbone("ravlt_t", TINY, num_classes=3)
+    state = network.state_dict()
+    lightning = {"pytorch-lightning_version": "2.5", "state_dict": {f"model.{k}": v + 1 for k, v in state.items()}}
+    lightning["state_dict"].update({f"ema.module.{k}": v + 2 for k, v in state.items()})
+    torch.save(lightning, tmp_path / "last.ckpt")
+    key = "layers.0.blocks.0.attn.qkvo.weight"
+    for use_ema, offset in ((False, 1), (True, 2)):
+        fresh = build_backbone("ravlt_t", TINY, num_classes=3)
+        assert "Lightning checkpoint" in load_weights(fresh, tmp_path / "last.ckpt", use_ema)
+        torch.testing.assert_close(fresh.state_dict()[key], state[key] + offset)
+
+    other = build_backbone("ravlt_t", TINY, num_classes=7)
+    with pytest.raises(CheckpointError, match=r"last\.ckpt: does not fit the config's network .*head\.weight"):
+        load_weights(other, tmp_path / "last.ckpt")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--format", "tflite"], "invalid choice: 'tflite'"),
+        (["--format", "pt2", "--input-size", "100", "96"], "multiples of 32"),
+        (["--format", "pt2", "--out", "{tmp}/a_file/model.pt2"], "cannot create its folder"),
+        (["--format", "pt2", "--ckpt", "{tmp}/missing.ckpt"], "missing.ckpt: no such checkpoint file"),
+        (["--format", "pt2", "--config", "no_such_config.yaml"], "config 'no_such_config.yaml' not found"),
+    ],
+)  # fmt: skip
+def test_bad_requests_fail_with_one_line(argv, message, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    defaults = {"--config": CLS_DEMO, "--out": str(tmp_path / "model.pt2")}
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    argv += [x for flag, value in defaults.items() if flag not in argv for x in (flag, value)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    code = exit_info.value.code  # argparse: 2, its usage and the error on stderr; ours: the message
+    shown = capsys.readouterr().err.strip().splitlines()[-1] if code == 2 else code
+    assert message in shown and "\n" not in shown
+
+
+def test_missing_onnx_packages_name_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed
+    with pytest.raises(SystemExit, match=r"onnxscript.*pip install 'ravlt_pl\[export\]'"):
+        main(["--config", CLS_DEMO, "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    assert not Path(tmp_path / "m.onnx").exists()
+
+
+def test_a_graph_with_ravlt_pl_operators_is_refused():
+    """With the fast path on, tracing keeps the ``ravlt_pl::rope_tables`` op: such a file would not
+    load without ravlt_pl, so it is never written."""
+    model = RAVLT(**TINY, num_classes=3).eval()
+    model.set_fast_path(True)
+    with torch.no_grad():
+        program = torch.export.export(model, (torch.randn(1, 3, 64, 64),))
+    with pytest.raises(ExportError, match=r"non-ATen operators \['ravlt_pl.rope_tables.default'\]"):
+        check_plain_aten(program)
