@@ -103,7 +103,7 @@ def export_model(
         program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic))
     check_plain_aten(program)
     if format == "onnx":
-        program = torch.onnx.export(program, dynamo=True, verbose=False)
+        program = torch.onnx.export(program, dynamo=True, input_names=["images"], verbose=False)
     else:  # the inference graph, ops kept: autocast regions inlined (their symbolic floats cannot be saved)
         program = program.run_decompositions({})
     checks = [torch.randn(1, 3, height, width)]
