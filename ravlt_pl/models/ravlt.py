@@ -29,6 +29,7 @@ from torch import nn
 
 from . import fast as fast_kernels
 from .attention import AttentionType, RopeTables, RotaryTable, build_attention
+from .checkpoint import checkpoint_filter_fn, extract_backbone_state, load_official, read_checkpoint
 
 
 class LayerNorm2d(nn.Module):
@@ -322,8 +323,6 @@ class RAVLT(nn.Module):
         """timm's ``pretrained=True`` (``custom_load``): an authors' release through
         :func:`~ravlt_pl.models.checkpoint.load_official`; a classifier for other classes gets a new
         head, another ``in_chans`` an adapted stem (timm's ``adapt_input_conv``)."""
-        from .checkpoint import checkpoint_filter_fn, extract_backbone_state, load_official, read_checkpoint
-
         raw, source = read_checkpoint(checkpoint_path)
         state = checkpoint_filter_fn(extract_backbone_state(raw, source), self)
         stem = "patch_embed.proj.0.weight"
