@@ -104,8 +104,6 @@ def export_model(
     check_plain_aten(program)
     if format == "onnx":
         program = torch.onnx.export(program, dynamo=True, input_names=["images"], verbose=False)
-    else:  # the inference graph, ops kept: autocast regions inlined (their symbolic floats cannot be saved)
-        program = program.run_decompositions({})
     checks = [torch.randn(1, 3, height, width)]
     if dynamic:
         checks.append(torch.randn(2, 3, height + STRIDE, width + 2 * STRIDE))
