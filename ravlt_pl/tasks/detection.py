@@ -208,7 +208,7 @@ class DetectionTask(BaseTask):
         names = self.category_names()
         detection_report.write_report(
             self.report_dir(), stage,
-            model=f"{type(self.model).__name__} ({self.model.variant})",
+            model=type(self.model).__name__ + (f" ({self.model.variant})" if hasattr(self.model, "variant") else ""),
             weights=self.weights_source(ema=self.ema is not None),
             headline=(self.headline, values[self.headline]),
             metrics={iou: {name: values[f"{iou}_{k}"] for k, name in COCO_METRICS.items()} for iou in self.iou_types},
