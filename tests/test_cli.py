@@ -121,3 +121,15 @@ def test_demo_runs_without_warnings_from_our_code(tmp_path, monkeypatch):
     ours = [str(w.message) for w in caught if "ravlt_pl" in w.filename or "LightningCLI" in str(w.message)
             or "multiple `ModelCheckpoint`" in str(w.message)]  # fmt: skip
     assert not ours
+
+
+def test_every_published_config_states_gpu_precision_and_cudnn_autotuning():
+    """TF32 for float32 matmuls everywhere; cuDNN autotuning where input sizes are fixed (not detection)."""
+    import yaml
+
+    published = [p for p in CONFIGS.rglob("*.yaml") if "demo" not in p.parts]
+    assert len(published) == 4 + 14 + 7
+    for path in published:
+        config = yaml.safe_load(path.read_text())
+        assert config["model"]["init_args"]["float32_matmul_precision"] == "high", path
+        assert config["trainer"]["benchmark"] is ("det" not in path.parts), path
