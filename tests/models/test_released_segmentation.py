@@ -1,0 +1,73 @@
+"""The authors' released Semantic FPN / UperNet files, whole, against their mmseg 0.13 model's outputs.
+
+``tests/fixtures/official_full/`` holds, per family, an authors'-format state dict (tiny backbone,
+16-channel heads, 150 classes), two images as the authors' test pipeline feeds them (one image per
+forward, not padded) and their model's intermediate and final outputs in eval mode; and the key sets
+and shapes of every full-size released config (``released_state_dict_shapes.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from ravlt_pl.models.checkpoint import CheckpointError
+from ravlt_pl.models.released import load_converted
+from ravlt_pl.models.segmentation import SemanticFPN, UperNet
+from ravlt_pl.models.segmentation.released import FAMILIES, semantic_fpn, upernet
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "official_full"
+FAMILY = {"semantic_fpn": semantic_fpn, "upernet": upernet}
+SHAPES = json.loads((FIXTURES / "released_state_dict_shapes.json").read_text())
+#: the released Semantic FPN / UperNet configs (the release has no Semantic FPN T config: see below)
+RELEASED = sorted(name for name in SHAPES if name.startswith(("RALA_FPN_", "RALA_Uper_")))
+
+
+def released(state: dict) -> torch.nn.Module:
+    """The family's module built from ``state`` and loaded strictly (what ``from_released`` does)."""
+    family = next(f for f in FAMILIES if f.matches(state))
+    model = family.build(state)
+    load_converted(model, family.convert(state, model), "<state dict>")
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY))
+def fixture(request: pytest.FixtureRequest) -> dict:
+    return torch.load(FIXTURES / f"official_full_{request.param}.pt", weights_only=True)
+
+
+def close(ours: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """Equal to float32 rounding: max error within 1e-5 of the tensor's largest magnitude."""
+    return ours.shape == theirs.shape and (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+
+def test_each_family_recognises_its_own_file_only(fixture: dict) -> None:
+    assert [f.name for f in FAMILIES if f.matches(fixture["state_dict"])] == [fixture["family"]]
+
+
+def test_every_tensor_is_mapped_and_widths_come_from_the_shapes(fixture: dict) -> None:
+    state = fixture["state_dict"]
+    model = released(state)
+    assert type(model) is {"semantic_fpn": SemanticFPN, "upernet": UperNet}[fixture["family"]]
+    assert len(model.state_dict()) == len(state)  # one of ours per tensor of theirs, none left at init
+    assert model.backbone.out_channels == [8, 16, 24, 32] and model.backbone.num_heads == [1, 2, 3, 4]
+    assert model.decode_head.classifier[1].out_channels == 150
+    if fixture["family"] == "upernet":  # the released UperNet keeps its auxiliary head: loaded too
+        assert torch.equal(model.auxiliary_head.classifier[1].weight, state["auxiliary_head.conv_seg.weight"])
+
+
+def test_backbone_neck_and_heads_match_the_authors(fixture: dict) -> None:
+    model, out = released(fixture["state_dict"]), fixture["outputs"]
+    with torch.no_grad():
+        for i, image in enumerate(fixture["inputs"]["batch"]):  # 60×91 and 60×60: odd sizes round up
+            features = model.backbone(image)
+            assert all(close(a, b) for a, b in zip(features, out["backbone"][i], strict=True))
+            if model.neck is not None:
+                assert all(close(a, b) for a, b in zip(model.neck(features), out["neck"][i], strict=True))
+            assert close(model(image), out["decode_logits"][i])
+            if model.auxiliary_head is not None:  # mmseg skips it at test; stored to check its tensors
+                assert close(model.auxiliary_head(features[model.auxiliary_index]), out["aux_logits"][i])
