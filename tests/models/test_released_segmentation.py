@@ -71,3 +71,23 @@ def test_backbone_neck_and_heads_match_the_authors(fixture: dict) -> None:
             assert close(model(image), out["decode_logits"][i])
             if model.auxiliary_head is not None:  # mmseg skips it at test; stored to check its tensors
                 assert close(model.auxiliary_head(features[model.auxiliary_index]), out["aux_logits"][i])
+
+
+def test_predict_preprocessed_gives_the_authors_class_maps(fixture: dict) -> None:
+    model, out = released(fixture["state_dict"]), fixture["outputs"]
+    sizes = [meta["ori_shape"][:2] for meta in fixture["inputs"]["img_metas"]]
+    logits = model.predict_preprocessed(fixture["inputs"]["batch"], sizes)
+    for i, (size, per_image) in enumerate(zip(sizes, logits, strict=True)):
+        assert per_image.shape == (150, *size)
+        probs = per_image.softmax(0)
+        assert torch.equal(probs.argmax(0), out["seg_pred"][i].long())
+        assert (probs.max(0).values - out["seg_prob_max"][i]).abs().max() < 1e-5
+
+
+def test_predict_preprocessed_wants_one_unpadded_image_per_forward() -> None:
+    fx = torch.load(FIXTURES / "official_full_upernet.pt", weights_only=True)
+    model = released(fx["state_dict"])
+    with pytest.raises(ValueError, match=r"image 0 has shape \(2, 3, 60, 60\)"):
+        model.predict_preprocessed([torch.zeros(2, 3, 60, 60)], [(50, 50)])
+    with pytest.raises(ValueError, match="2 images but 1 original sizes"):
+        model.predict_preprocessed(fx["inputs"]["batch"], [(50, 50)])

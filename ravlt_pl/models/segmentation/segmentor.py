@@ -5,9 +5,10 @@ num_classes, ...)`` (torchvision's style): :class:`~.semantic_fpn.SemanticFPN`,
 :class:`~.upernet.UperNet`. The task builds the backbone and calls the class a config names by
 ``class_path``, so another decoder is one new file with one such subclass.
 
-Inference follows mmsegmentation's ``EncoderDecoder``: ``whole`` runs the image at once (the
-published setting), ``slide`` averages overlapping crops; ``predict`` adds multi-scale + flip
-test-time augmentation by averaging softmax probabilities resized to the output size.
+Inference follows mmseg 0.13's ``EncoderDecoder``: ``whole`` runs the image at once (the
+published setting), ``slide`` averages overlapping crops; ``predict`` is its ``aug_test``
+(multi-scale + flip: the mean of each view's softmax at the output size), and
+``predict_preprocessed`` its single-image test path on inputs its pipeline made.
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear resize of logits or images, ``align_corners=False`` (mmseg's default)."""
     size = tuple(int(s) for s in size)
     return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def keep_ratio_size(size: Sequence[int], scale: Sequence[int], ratio: float = 1.0) -> tuple[int, int]:
+    """(h, w) of mmseg's test resize of an image of ``size``: ``MultiScaleFlipAug`` scales ``scale``
+    (long, short) by ``ratio`` (truncated), then ``mmcv.imrescale`` fits the image inside, rounding half up."""
+    long_edge, short_edge = int(max(scale) * ratio), int(min(scale) * ratio)
+    height, width = size
+    factor = min(long_edge / max(height, width), short_edge / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
 class EncoderDecoder(nn.Module):
@@ -107,6 +117,23 @@ class EncoderDecoder(nn.Module):
         raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
 
     @torch.no_grad()
+    def predict_preprocessed(
+        self, images: Sequence[torch.Tensor], original_sizes: Sequence[Sequence[int]]
+    ) -> list[torch.Tensor]:
+        """mmseg's single-scale test, one image per forward: per image (K, H, W) logits at its original size.
+
+        ``images``: (1, 3, h, w) each, resized and normalised by the authors' test pipeline, not padded
+        (stride-2 convs round odd sizes up). The decode head's logits are resized (bilinear) to the
+        input size, then to ``original_sizes[i]`` (H, W), as ``EncoderDecoder.whole_inference`` does.
+        """
+        if len(images) != len(original_sizes):
+            raise ValueError(f"{len(images)} images but {len(original_sizes)} original sizes")
+        for i, image in enumerate(images):
+            if image.dim() != 4 or image.shape[:2] != (1, 3):
+                raise ValueError(f"image {i} has shape {tuple(image.shape)}; expected (1, 3, h, w), one image per forward")
+        return [resize(self.encode_decode(x), size)[0] for x, size in zip(images, original_sizes)]
+
+    @torch.no_grad()
     def predict(
         self,
         images: torch.Tensor,
@@ -116,23 +143,27 @@ class EncoderDecoder(nn.Module):
         flip: bool = False,
         crop_size: Sequence[int] = (512, 512),
         stride: Sequence[int] = (341, 341),
+        view_sizes: Sequence[Sequence[int]] | None = None,
     ) -> torch.Tensor:
-        """Class probabilities (B, K, *out_size), averaged over ``scales`` × (flip) test-time augmentations.
+        """Class probabilities (B, K, *out_size): mmseg's ``aug_test`` over ``scales`` × (flip) views.
 
-        Each scale resizes the input by that ratio (mmseg's ``img_ratios`` 0.5–1.75 for multi-scale);
-        each view's logits go back to the input size, then to ``out_size`` (the label's size), then
-        through a softmax, as mmseg's ``aug_test`` does.
+        Scale ``s`` runs the input resized to ``view_sizes[i]`` (default ``int(h·s + 0.5)`` ×
+        ``int(w·s + 0.5)``; mmseg's 0.5–1.75 ratios for multi-scale); each view's logits at its own
+        size are resized to ``out_size`` (the label's size), turned into a softmax and flipped back;
+        the mean over views is returned. One scale without flip is mmseg's single-scale test.
         """
         out_size = tuple(out_size or images.shape[-2:])
         height, width = images.shape[-2:]
+        if view_sizes is not None and len(view_sizes) != len(scales):
+            raise ValueError(f"{len(view_sizes)} view sizes for {len(scales)} scales")
+        sizes = view_sizes or [(int(height * s + 0.5), int(width * s + 0.5)) for s in scales]
         probs = None
-        for scale in scales:
-            scaled = images if scale == 1 else resize(images, (int(height * scale + 0.5), int(width * scale + 0.5)))
+        for size in sizes:
+            scaled = resize(images, size)
             for flipped in (False, True) if flip else (False,):
                 view = scaled.flip(-1) if flipped else scaled
                 logits = self.inference(view, mode, crop_size, stride).float()  # bf16 under autocast
-                logits = logits.flip(-1) if flipped else logits
-                p = resize(resize(logits, (height, width)), out_size).softmax(dim=1)
+                p = resize(logits, out_size).softmax(dim=1)
+                p = p.flip(-1) if flipped else p
                 probs = p if probs is None else probs + p
-        return probs / (len(scales) * (2 if flip else 1))
-
+        return probs / (len(sizes) * (2 if flip else 1))
