@@ -67,15 +67,19 @@ def build_upernet(state: Mapping[str, torch.Tensor]) -> UperNet:
     backbone = build_backbone(state)
     pools = len({m[1] for k in state if (m := re.match(r"decode_head\.psp_modules\.(\d+)\.", k))})
     if pools not in PUBLISHED_POOL_SCALES:
-        raise CheckpointError(f"UPerHead has {pools} pyramid-pooling branches; only the published 4 (1, 2, 3, 6) are known")
+        raise CheckpointError(f"UPerHead has {pools} pyramid-pooling branches; only the published 4 are known")
     aux_in = _shape(state, "auxiliary_head.convs.0.conv.weight", 1)
-    if aux_in not in backbone.out_channels:
-        raise CheckpointError(f"auxiliary_head reads {aux_in} channels, which no backbone stage has {backbone.out_channels}")
+    widths = backbone.out_channels
+    if aux_in not in widths:
+        raise CheckpointError(f"auxiliary_head reads {aux_in} channels, which no backbone stage has ({widths})")
     return UperNet(
-        backbone, _shape(state, "decode_head.conv_seg.weight"), head_channels=_shape(state, "decode_head.bottleneck.conv.weight"),
-        pool_scales=PUBLISHED_POOL_SCALES[pools], aux_channels=_shape(state, "auxiliary_head.convs.0.conv.weight"),
-        aux_index=len(backbone.out_channels) - 1 - backbone.out_channels[::-1].index(aux_in),
-    )  # fmt: skip
+        backbone,
+        num_classes=_shape(state, "decode_head.conv_seg.weight"),
+        head_channels=_shape(state, "decode_head.bottleneck.conv.weight"),
+        pool_scales=PUBLISHED_POOL_SCALES[pools],
+        aux_channels=_shape(state, "auxiliary_head.convs.0.conv.weight"),
+        aux_index=len(widths) - 1 - widths[::-1].index(aux_in),  # the deepest stage of that width (mmseg: 2)
+    )
 
 
 def rename_head(key: str) -> str:

@@ -130,7 +130,7 @@ class EncoderDecoder(nn.Module):
             raise ValueError(f"{len(images)} images but {len(original_sizes)} original sizes")
         for i, image in enumerate(images):
             if image.dim() != 4 or image.shape[:2] != (1, 3):
-                raise ValueError(f"image {i} has shape {tuple(image.shape)}; expected (1, 3, h, w), one image per forward")
+                raise ValueError(f"image {i} has shape {tuple(image.shape)}; expected (1, 3, h, w): one per forward")
         return [resize(self.encode_decode(x), size)[0] for x, size in zip(images, original_sizes)]
 
     @torch.no_grad()
