@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from ..data.ade20k import IGNORE_INDEX
+from ..models.checkpoint import CheckpointError, read_checkpoint
+from ..models.released import infer_backbone, load_converted
 from ..models.segmentation import EncoderDecoder, SemanticFPN, resize
+from ..models.segmentation.released import FAMILIES, SEGMENTOR_CLASS, variant_name
 from ..models.variants import build_backbone
 from .base import BaseTask
 from .segmentation_report import GridRow, denormalize, save_mask, write_segmentation_report
@@ -33,6 +38,41 @@ def scores_from_confusion(confmat: torch.Tensor) -> dict[str, torch.Tensor]:
     iou = tp / (label_area + pred_area - tp)  # 0/0 → NaN
     acc = tp / label_area
     return {"mIoU": iou.nanmean(), "mAcc": acc.nanmean(), "aAcc": tp.sum() / label_area.sum(), "IoU": iou, "Acc": acc}
+
+
+def load_released_segmentor(model: EncoderDecoder, checkpoint: str) -> list[str]:
+    """Load an authors' released segmentor file (mmseg ``state_dict`` with its heads) into ``model``, every tensor.
+
+    Returns the parts loaded (``backbone``, ``neck``, ``decode_head``, ``auxiliary_head``), or ``[]`` when
+    the file has no decode head (an ImageNet or backbone-only checkpoint, for the backbone path). A file of
+    another segmentor, variant or class count is an error naming it; nothing is loaded then.
+    """
+    raw, source = read_checkpoint(checkpoint, mmap=True)
+    state = raw.get("state_dict") if isinstance(raw, Mapping) else None
+    if not isinstance(state, Mapping) or not any(str(k).startswith("decode_head.") for k in state):
+        return []
+    family = next((f for f in FAMILIES if f.matches(state)), None)
+    if family is None:
+        raise CheckpointError(f"{source}: has a decode head but is neither a released Semantic FPN nor UperNet")
+    if not isinstance(model, SEGMENTOR_CLASS[family.name]):
+        raise CheckpointError(
+            f"{source}: is a released {SEGMENTOR_CLASS[family.name].__name__}, but the config builds "
+            f"{type(model).__name__}; use the config of that segmentor"
+        )
+    released = infer_backbone(state)
+    ours = model.backbone
+    if [released["embed_dims"], released["depths"]] != [list(ours.embed_dims), list(ours.depths)]:
+        raise CheckpointError(
+            f"{source}: its backbone is {variant_name(released) or 'not a published variant'} (widths "
+            f"{released['embed_dims']}, depths {released['depths']}), the config's has widths {list(ours.embed_dims)}, "
+            f"depths {list(ours.depths)}; use the config of that variant"
+        )
+    try:
+        load_converted(model, family.convert(state, model), source)
+    except CheckpointError as err:
+        hint = "to fine-tune on other classes load only its backbone: --model.init_args.pretrained_backbone_only true"
+        raise CheckpointError(f"{err}; {hint}") from None
+    return sorted({k.split(".")[0] for k in state}, key=["backbone", "neck", "decode_head", "auxiliary_head"].index)
 
 
 class SegmentationScores(MulticlassConfusionMatrix):
@@ -68,11 +108,14 @@ class SegmentationTask(BaseTask):
         class_names: names for the report (default: the data module's ``info.class_names``).
         report_images: how many validation images the report's image / ground truth / prediction grid shows.
         predict_dir: where ``predict`` writes palette PNG masks (default: ``<report dir>/masks``).
+        pretrained_backbone_only: of a released segmentor given as ``pretrained``, load only the
+            backbone (fine-tuning on other classes); by default such a file loads whole.
         **kwargs: the :class:`BaseTask` arguments (``optimizer``, ``scheduler``, ``ema_decay``,
             ``pretrained``, ``report_dir``, ``weight_decay_exempt``, ``float32_matmul_precision``).
-            Here ``pretrained`` is a classification checkpoint loaded into the backbone before ``fit``,
-            the EMA (when set) is what validate/test/predict evaluate, and ``weight_decay_exempt``
-            ``None`` decays every parameter.
+            Here ``pretrained`` is either the authors' released segmentor (their ``fpn_*.pth`` /
+            ``upernet_*.pth``: every tensor is loaded, for ``fit``, ``validate``, ``test`` and ``predict``)
+            or a classification checkpoint loaded into the backbone before ``fit``; the EMA (when set)
+            is what validate/test/predict evaluate, and ``weight_decay_exempt`` ``None`` decays every parameter.
     """
 
     monitor = "val/mIoU"
@@ -94,6 +137,7 @@ class SegmentationTask(BaseTask):
         class_names: list[str] | None = None,
         report_images: int = 4,
         predict_dir: str | None = None,
+        pretrained_backbone_only: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # records every argument as a hyper-parameter
@@ -103,6 +147,7 @@ class SegmentationTask(BaseTask):
         self.model = segmentor(backbone, num_classes)
         self.metric = SegmentationScores(num_classes)
         self._grid: list[GridRow] = []
+        self._released_parts: list[str] | None = None  # what load_released_segmentor loaded (None: not tried)
 
     #: The input of the published FLOPs, 512×2048 for both heads: at it the measured Semantic FPN
     #: T/S/B/L 137/182/300/432 G match the published 136/180/292/424 G (at 512×512 they are a quarter:
@@ -113,8 +158,21 @@ class SegmentationTask(BaseTask):
         return self.model.encode_decode(images)
 
     def setup(self, stage: str) -> None:
-        if stage == "fit":  # a resumed run's checkpoint is restored after this and overrides it
+        # A checkpoint given by --ckpt_path (a resumed run, validate of our own) is restored after this.
+        if self._released_parts is None and self.pretrained and not self.hparams.pretrained_backbone_only:
+            self._released_parts = load_released_segmentor(self.model, self.pretrained)
+            if self._released_parts:
+                rank_zero_info(f"pretrained: {self.pretrained}: the authors' released {type(self.model).__name__}, "
+                               f"every tensor of {', '.join(self._released_parts)}")  # fmt: skip
+        if stage == "fit" and not self._released_parts:
             self.load_pretrained_backbone(self.model.backbone)
+
+    def weights_source(self, ema: bool = False) -> str:
+        trainer = self.trainer
+        if self._released_parts and trainer.state.fn != TrainerFn.FITTING and not trainer.ckpt_path:
+            source = f"the authors' released {type(self.model).__name__} {self.pretrained}"
+            return source + (", EMA weights" if ema else "")
+        return super().weights_source(ema)
 
     # -- training -----------------------------------------------------------------------------------
     def pixel_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

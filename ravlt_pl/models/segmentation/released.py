@@ -106,3 +106,5 @@ def _is_upernet(state: Mapping[str, torch.Tensor]) -> bool:
 semantic_fpn = ReleasedFamily("semantic_fpn", _is_semantic_fpn, build_semantic_fpn, convert)
 upernet = ReleasedFamily("upernet", _is_upernet, build_upernet, convert)
 FAMILIES = (semantic_fpn, upernet)
+#: the segmentor class each family builds
+SEGMENTOR_CLASS = {semantic_fpn.name: SemanticFPN, upernet.name: UperNet}
