@@ -15,11 +15,11 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from ..data.ade20k import IGNORE_INDEX
 from ..models.checkpoint import CheckpointError, read_checkpoint
 from ..models.released import infer_backbone, load_converted
-from ..models.segmentation import EncoderDecoder, SemanticFPN, resize
+from ..models.segmentation import EncoderDecoder, SemanticFPN, keep_ratio_size, resize
 from ..models.segmentation.released import FAMILIES, SEGMENTOR_CLASS, variant_name
 from ..models.variants import build_backbone
 from .base import BaseTask
-from .segmentation_report import GridRow, denormalize, save_mask, write_segmentation_report
+from .segmentation_report import GridRow, denormalize, protocol, save_mask, write_segmentation_report
 
 #: A segmentor class (or its partial with the config's ``init_args``) called as ``segmentor(backbone, num_classes)``.
 SegmentorBuilder = Callable[[nn.Module, int], EncoderDecoder]
@@ -102,8 +102,11 @@ class SegmentationTask(BaseTask):
         inference: ``whole`` image (published) or ``slide`` windows of ``crop_size`` every ``stride``.
         crop_size: sliding-window size (h, w).
         stride: sliding-window stride (h, w).
-        test_scales: image ratios averaged at validate/test/predict; ``[0.5, 0.75, 1.0, 1.25, 1.5,
-            1.75]`` with ``test_flip`` is the published multi-scale + flip setting.
+        test_scales: image ratios averaged at validate/test/predict (mmseg's ``aug_test``: each ratio
+            scales the data's test resize bound, each view's softmax is taken at the original size, the
+            mean is the prediction); ``[0.5, 0.75, 1.0, 1.25, 1.5, 1.75]`` with ``test_flip`` is the
+            authors' ``tools/test.py`` default and the published configs'. Fit's periodic validations
+            run single-scale, as mmseg's evaluation hook.
         test_flip: also average horizontally flipped views.
         class_names: names for the report (default: the data module's ``info.class_names``).
         report_images: how many validation images the report's image / ground truth / prediction grid shows.
@@ -196,15 +199,39 @@ class SegmentationTask(BaseTask):
     def predict_probs(
         self, images: torch.Tensor, sizes: Sequence[Sequence[int]], out_sizes: Sequence[Sequence[int]]
     ) -> list[torch.Tensor]:
-        """Class probabilities per image (K, *out_size); ``sizes`` crop each image out of its padded batch."""
+        """Class probabilities per image (K, *out_size); ``sizes`` crop each image out of its padded batch.
+
+        ``out_sizes`` are the original image sizes (the labels'); every view is one image per forward, or a
+        batch of images of one size that needs no padding.
+        """
         net = self.ema.module if self.ema is not None else self.model
         h = self.hparams
-        kwargs = dict(mode=h.inference, scales=h.test_scales, flip=h.test_flip, crop_size=h.crop_size, stride=h.stride)
+        scales, flip = self.test_views()
+        kwargs = dict(mode=h.inference, scales=scales, flip=flip, crop_size=h.crop_size, stride=h.stride)
         unpadded = all(tuple(s) == tuple(images.shape[-2:]) for s in sizes)
         if unpadded and len({tuple(o) for o in out_sizes}) == 1:
-            return list(net.predict(images, out_sizes[0], **kwargs))  # one batched pass
+            return list(net.predict(images, out_sizes[0], view_sizes=self.view_sizes(out_sizes[0], scales), **kwargs))
         crops = (images[i : i + 1, :, : s[0], : s[1]] for i, s in enumerate(sizes))  # each without its padding
-        return [net.predict(crop, out, **kwargs)[0] for crop, out in zip(crops, out_sizes)]
+        return [net.predict(crop, out, view_sizes=self.view_sizes(out, scales), **kwargs)[0]
+                for crop, out in zip(crops, out_sizes)]  # fmt: skip
+
+    def test_views(self) -> tuple[list[float], bool]:
+        """This evaluation's scales and flip: ``test_scales`` / ``test_flip`` in validate, test and predict
+        (the authors' ``tools/test.py``); single-scale in fit's validations (mmseg's evaluation hook)."""
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            return [1.0], False
+        return list(self.hparams.test_scales), self.hparams.test_flip
+
+    def view_sizes(self, original_size: Sequence[int], scales: Sequence[float]) -> list[tuple[int, int]] | None:
+        """mmseg's input size for each scale: the data's test resize bound (``scale``, long × short) times the
+        ratio, fitted to the original image; ``None`` (ratios of the input size) when the data has no ``scale``."""
+        bound = self.test_resize_bound()
+        return None if bound is None else [keep_ratio_size(original_size, bound, s) for s in scales]
+
+    def test_resize_bound(self) -> Sequence[int] | None:
+        """The data's test resize bound (long, short edge; ADE20K 2048 × 512), when its data module has one."""
+        return getattr(getattr(self._trainer, "datamodule", None), "scale", None)
 
     def on_validation_epoch_start(self) -> None:
         self.metric.reset()
@@ -236,9 +263,11 @@ class SegmentationTask(BaseTask):
         self.log_dict({f"{stage}/{k}": scores[k].float() for k in ("mIoU", "mAcc", "aAcc")}, sync_dist=True)
         if self.writes_reports:
             h = self.hparams
+            scales, flip = self.test_views()
             setup = {
                 "segmentor": type(self.model).__name__, "variant": h.variant,
-                "inference": {"mode": h.inference, "scales": list(h.test_scales), "flip": h.test_flip},
+                "inference": {"mode": h.inference, "scales": scales, "flip": flip},
+                "protocol": protocol(h.inference, scales, flip, self.test_resize_bound()),
             }  # fmt: skip
             weights = self.weights_source(ema=self.ema is not None)
             paths = write_segmentation_report(self.report_dir(), stage, scores, self.class_names(), setup, weights, self._grid)

@@ -22,6 +22,7 @@ from ravlt_pl.models.checkpoint import CheckpointError
 from ravlt_pl.models.segmentation import EncoderDecoder, FCNHead, SemanticFPN, UperNet
 from ravlt_pl.tasks.base import WarmupSchedule, param_groups
 from ravlt_pl.tasks.segmentation import SegmentationScores, SegmentationTask, scores_from_confusion
+from ravlt_pl.tasks.segmentation_report import AUTHORS_TEST_RATIOS
 from tests.conftest import TINY
 
 RECIPES = sorted(str(p) for p in Path("configs/seg").glob("*.yaml"))
@@ -152,6 +153,9 @@ def test_config_fast_dev_run(config: str, ade_root: Path, tmp_path: Path) -> Non
     main(["fit", *cli_args(config, ade_root, tmp_path, "--trainer.fast_dev_run", "1")])
     report = json.loads((tmp_path / "reports/fit/segmentation_val.json").read_text())
     assert report["headline"]["name"] == "mIoU" and 0.0 <= report["headline"]["value"] <= 1.0
+    # fit's validations are single-scale (mmseg's evaluation hook), whatever validate/test use
+    assert report["inference"] == {"mode": "whole", "scales": [1.0], "flip": False}
+    assert report["protocol"].startswith("single scale (the test resize to fit 64×48; mmseg's evaluation during")
 
 
 def test_validate_report_and_predict_masks(ade_root: Path, tmp_path: Path) -> None:
@@ -229,6 +233,7 @@ def test_recipe_builds_its_segmentor_and_weight_decay_as_the_authors(config: str
     names holding "norm" (custom_keys decay_mult 0) and decays biases, gammas and the heads' BatchNorms."""
     task = recipe_task(config)
     model, fpn = task.model, "fpn_" in config
+    assert (task.hparams.test_scales, task.hparams.test_flip) == (AUTHORS_TEST_RATIOS, True)  # their --aug-test
     assert type(model) is (SemanticFPN if fpn else UperNet)
     assert model.decode_head.classifier[1].in_channels == (128 if fpn else 512)
     groups = param_groups(model, task.weight_decay_exempt)
@@ -319,6 +324,12 @@ def test_validate_with_a_released_file_reports_it(ade_root: Path, tmp_path: Path
     assert torch.equal(cli.model.model.decode_head.classifier[1].weight, released_classifier)
     data = json.loads((tmp_path / "report/segmentation_val.json").read_text())
     assert data["weights"] == f"the authors' released UperNet {path}"
+    # the config's evaluation is the authors' tools/test.py default: 6 ratios × flip of the data's test resize
+    assert data["inference"] == {"mode": "whole", "scales": AUTHORS_TEST_RATIOS, "flip": True}
+    authors = "(the authors' tools/test.py default, --aug-test); whole inference; mean softmax at the original size"
+    assert authors in data["protocol"]
+    assert cli.model.view_sizes((48, 64), [0.5, 1.75]) == [(24, 32), (84, 112)]  # fit in 32×24 and 112×84
+    assert f"Protocol: {data['protocol']}." in (tmp_path / "report/segmentation_val.md").read_text()
 
 
 def test_a_released_file_of_another_class_count_fails_and_says_how_to_load_its_backbone(tmp_path: Path) -> None:
