@@ -5,17 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from ..data.ade20k import IGNORE_INDEX
+from ..data.ade20k import IGNORE_INDEX, ADE20KDataModule, eval_transform
+from ..data.images import read_rgb
 from ..models.checkpoint import CheckpointError, read_checkpoint
 from ..models.released import infer_backbone, load_converted
-from ..models.segmentation import EncoderDecoder, SemanticFPN, keep_ratio_size, resize
+from ..models.segmentation import EncoderDecoder, SemanticFPN, resize
 from ..models.segmentation.released import FAMILIES, SEGMENTOR_CLASS, variant_name
 from ..models.variants import build_backbone
 from .base import BaseTask
@@ -197,23 +199,32 @@ class SegmentationTask(BaseTask):
 
     # -- evaluation ---------------------------------------------------------------------------------
     def predict_probs(
-        self, images: torch.Tensor, sizes: Sequence[Sequence[int]], out_sizes: Sequence[Sequence[int]]
+        self,
+        images: torch.Tensor,
+        sizes: Sequence[Sequence[int]],
+        out_sizes: Sequence[Sequence[int]],
+        paths: Sequence[str] | None = None,
     ) -> list[torch.Tensor]:
         """Class probabilities per image (K, *out_size); ``sizes`` crop each image out of its padded batch.
 
-        ``out_sizes`` are the original image sizes (the labels'); every view is one image per forward, or a
-        batch of images of one size that needs no padding.
+        ``out_sizes`` are the original image sizes (the labels'). With several test scales and the image
+        files at hand (``paths``, ADE20K-format data), each view is made from the file as mmseg makes it
+        (:meth:`test_inputs`); otherwise the input is resized by the ratios. Every forward is one image,
+        or a batch of images of one size that needs no padding.
         """
         net = self.ema.module if self.ema is not None else self.model
         h = self.hparams
         scales, flip = self.test_views()
-        kwargs = dict(mode=h.inference, scales=scales, flip=flip, crop_size=h.crop_size, stride=h.stride)
+        kwargs = dict(mode=h.inference, flip=flip, crop_size=h.crop_size, stride=h.stride)
+        bound = self.test_resize_bound()
+        if paths is not None and bound is not None and scales != [1.0]:
+            return [net.aug_test(self.test_inputs(path, scales, bound), out, **kwargs)[0]
+                    for path, out in zip(paths, out_sizes)]  # fmt: skip
         unpadded = all(tuple(s) == tuple(images.shape[-2:]) for s in sizes)
         if unpadded and len({tuple(o) for o in out_sizes}) == 1:
-            return list(net.predict(images, out_sizes[0], view_sizes=self.view_sizes(out_sizes[0], scales), **kwargs))
+            return list(net.predict(images, out_sizes[0], scales=scales, **kwargs))  # one batched pass
         crops = (images[i : i + 1, :, : s[0], : s[1]] for i, s in enumerate(sizes))  # each without its padding
-        return [net.predict(crop, out, view_sizes=self.view_sizes(out, scales), **kwargs)[0]
-                for crop, out in zip(crops, out_sizes)]  # fmt: skip
+        return [net.predict(crop, out, scales=scales, **kwargs)[0] for crop, out in zip(crops, out_sizes)]
 
     def test_views(self) -> tuple[list[float], bool]:
         """This evaluation's scales and flip: ``test_scales`` / ``test_flip`` in validate, test and predict
@@ -223,15 +234,19 @@ class SegmentationTask(BaseTask):
             return [1.0], False
         return list(self.hparams.test_scales), self.hparams.test_flip
 
-    def view_sizes(self, original_size: Sequence[int], scales: Sequence[float]) -> list[tuple[int, int]] | None:
-        """mmseg's input size for each scale: the data's test resize bound (``scale``, long × short) times the
-        ratio, fitted to the original image; ``None`` (ratios of the input size) when the data has no ``scale``."""
-        bound = self.test_resize_bound()
-        return None if bound is None else [keep_ratio_size(original_size, bound, s) for s in scales]
+    def test_inputs(self, path: str, scales: Sequence[float], bound: Sequence[int]) -> list[torch.Tensor]:
+        """mmseg's test views of an image file, (1, 3, h, w) each: its ``MultiScaleFlipAug`` scales the test
+        resize bound by each ratio (truncated), and the original uint8 image is resized (cv2 bilinear) to fit
+        inside, then normalised: the data module's own eval pipeline at that bound."""
+        image = np.asarray(read_rgb(path))
+        long_edge, short_edge = max(bound), min(bound)
+        return [eval_transform((int(long_edge * r), int(short_edge * r)))(image=image)["image"][None].to(self.device)
+                for r in scales]  # fmt: skip
 
     def test_resize_bound(self) -> Sequence[int] | None:
-        """The data's test resize bound (long, short edge; ADE20K 2048 × 512), when its data module has one."""
-        return getattr(getattr(self._trainer, "datamodule", None), "scale", None)
+        """The ADE20K data's test resize bound (long, short edge; published 2048 × 512), if that is the data."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        return datamodule.scale if isinstance(datamodule, ADE20KDataModule) else None
 
     def on_validation_epoch_start(self) -> None:
         self.metric.reset()
@@ -241,7 +256,7 @@ class SegmentationTask(BaseTask):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         labels = [label.long() for label in batch["label"]]
-        probs = self.predict_probs(batch["image"], batch["size"], [label.shape for label in labels])
+        probs = self.predict_probs(batch["image"], batch["size"], [label.shape for label in labels], batch.get("path"))
         for i, (p, label) in enumerate(zip(probs, labels)):
             pred = p.argmax(0)
             self.metric.update(pred[None], label[None])
@@ -283,7 +298,7 @@ class SegmentationTask(BaseTask):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
         """Write one palette PNG per image (pixel value = class index) at the image's original size."""
         out_dir = Path(self.hparams.predict_dir) if self.hparams.predict_dir else self.report_dir() / "masks"
-        probs = self.predict_probs(batch["image"], batch["size"], batch["orig_size"])
+        probs = self.predict_probs(batch["image"], batch["size"], batch["orig_size"], batch.get("path"))
         masks = (out_dir / f"{Path(path).stem}.png" for path in batch["path"])
         return [str(save_mask(mask, p.argmax(0))) for mask, p in zip(masks, probs)]
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ravlt_pl.models import build_backbone
-from ravlt_pl.models.segmentation import EncoderDecoder, FPNHead, SemanticFPN, UPerHead, UperNet, keep_ratio_size
+from ravlt_pl.models.segmentation import EncoderDecoder, FPNHead, SemanticFPN, UPerHead, UperNet
 from tests.conftest import TINY
 
 # The paper's Semantic FPN T/S/B/L and UperNet S/B/L parameter counts (M) at 150 classes.
@@ -120,33 +120,20 @@ def test_multi_scale_flip_averages_every_view() -> None:
 
 def test_aug_test_is_mmsegs_each_views_softmax_at_the_original_size() -> None:
     """mmseg 0.13 ``aug_test``: per view, logits at the view's size → bilinear to ``ori_shape`` → softmax →
-    flipped back; the mean over views. The view sizes are given (mmseg's resize of the original image)."""
+    flipped back; the mean over views."""
     model = tiny("upernet").eval()
-    images, original = torch.randn(1, 3, 48, 64), (45, 60)
-    sizes = [(24, 32), (61, 81)]
-    probs = model.predict(images, original, scales=[0.5, 1.25], flip=True, view_sizes=sizes)
+    views, original = [torch.randn(1, 3, 24, 32), torch.randn(1, 3, 61, 81)], (45, 60)
+    probs = model.aug_test(views, original, flip=True)
     expected = []
     with torch.no_grad():
-        for size in sizes:
-            view = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        for view in views:
             for flip in (False, True):
                 logits = model.decode_head(model.backbone(view.flip(-1) if flip else view))
-                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+                logits = F.interpolate(logits, size=view.shape[-2:], mode="bilinear", align_corners=False)
                 p = F.interpolate(logits, size=original, mode="bilinear", align_corners=False).softmax(1)
                 expected.append(p.flip(-1) if flip else p)
     assert probs.shape == (1, 5, *original)
     assert torch.allclose(probs, torch.stack(expected).mean(0), atol=1e-6)
-    with pytest.raises(ValueError, match="2 view sizes for 1 scales"):
-        model.predict(images, original, scales=[1.0], view_sizes=sizes)
-
-
-def test_keep_ratio_size_is_mmcvs_test_resize() -> None:
-    # the fixtures' images: 45×68 and 50×50 → 60×91 and 60×60 under img_scale (256, 60)
-    assert keep_ratio_size((45, 68), (256, 60)) == (60, 91) and keep_ratio_size((50, 50), (256, 60)) == (60, 60)
-    # ADE20K: 512×683 at ratios 0.5 / 1.75 of 2048×512 → fit 1024×256 / 3584×896
-    assert keep_ratio_size((512, 683), (2048, 512), 0.5) == (256, 342)
-    assert keep_ratio_size((512, 683), (2048, 512), 1.75) == (896, 1195)
-    assert keep_ratio_size((300, 2000), (2048, 512), 1.0) == (307, 2048)  # the long edge binds
 
 
 def test_unknown_inference_mode_is_rejected() -> None:

@@ -7,6 +7,7 @@ import re
 from functools import partial
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -328,7 +329,14 @@ def test_validate_with_a_released_file_reports_it(ade_root: Path, tmp_path: Path
     assert data["inference"] == {"mode": "whole", "scales": AUTHORS_TEST_RATIOS, "flip": True}
     authors = "(the authors' tools/test.py default, --aug-test); whole inference; mean softmax at the original size"
     assert authors in data["protocol"]
-    assert cli.model.view_sizes((48, 64), [0.5, 1.75]) == [(24, 32), (84, 112)]  # fit in 32×24 and 112×84
+    # each view is made from the image file as mmseg makes it: cv2 bilinear on the original uint8 pixels
+    image_file = sorted((ade_root / "images/validation").iterdir())[0]
+    image = np.asarray(Image.open(image_file).convert("RGB"))  # 48×64
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    for view, size in zip(cli.model.test_inputs(str(image_file), [0.5, 1.75], (64, 48)), [(24, 32), (84, 112)]):
+        resized = cv2.resize(image, size[::-1], interpolation=cv2.INTER_LINEAR)  # 64×48 × .5 and × 1.75
+        expected = torch.from_numpy((resized / 255 - mean) / std).permute(2, 0, 1).float()
+        assert view.shape == (1, 3, *size) and torch.allclose(view[0], expected, atol=1e-5)
     assert f"Protocol: {data['protocol']}." in (tmp_path / "report/segmentation_val.md").read_text()
 
 

@@ -6,9 +6,9 @@ num_classes, ...)`` (torchvision's style): :class:`~.semantic_fpn.SemanticFPN`,
 ``class_path``, so another decoder is one new file with one such subclass.
 
 Inference follows mmseg 0.13's ``EncoderDecoder``: ``whole`` runs the image at once (the
-published setting), ``slide`` averages overlapping crops; ``predict`` is its ``aug_test``
-(multi-scale + flip: the mean of each view's softmax at the output size), and
-``predict_preprocessed`` its single-image test path on inputs its pipeline made.
+published setting), ``slide`` averages overlapping crops; ``aug_test`` is its multi-scale + flip
+test (the mean of each view's softmax at the output size), ``predict`` that of one input resized by
+ratios, and ``predict_preprocessed`` its single-image test path on inputs its pipeline made.
 """
 
 from __future__ import annotations
@@ -26,15 +26,6 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear resize of logits or images, ``align_corners=False`` (mmseg's default)."""
     size = tuple(int(s) for s in size)
     return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
-def keep_ratio_size(size: Sequence[int], scale: Sequence[int], ratio: float = 1.0) -> tuple[int, int]:
-    """(h, w) of mmseg's test resize of an image of ``size``: ``MultiScaleFlipAug`` scales ``scale``
-    (long, short) by ``ratio`` (truncated), then ``mmcv.imrescale`` fits the image inside, rounding half up."""
-    long_edge, short_edge = int(max(scale) * ratio), int(min(scale) * ratio)
-    height, width = size
-    factor = min(long_edge / max(height, width), short_edge / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
 class EncoderDecoder(nn.Module):
@@ -143,27 +134,36 @@ class EncoderDecoder(nn.Module):
         flip: bool = False,
         crop_size: Sequence[int] = (512, 512),
         stride: Sequence[int] = (341, 341),
-        view_sizes: Sequence[Sequence[int]] | None = None,
     ) -> torch.Tensor:
-        """Class probabilities (B, K, *out_size): mmseg's ``aug_test`` over ``scales`` × (flip) views.
-
-        Scale ``s`` runs the input resized to ``view_sizes[i]`` (default ``int(h·s + 0.5)`` ×
-        ``int(w·s + 0.5)``; mmseg's 0.5–1.75 ratios for multi-scale); each view's logits at its own
-        size are resized to ``out_size`` (the label's size), turned into a softmax and flipped back;
-        the mean over views is returned. One scale without flip is mmseg's single-scale test.
-        """
-        out_size = tuple(out_size or images.shape[-2:])
+        """Class probabilities (B, K, *out_size): :meth:`aug_test` of the input resized by each of ``scales``
+        (to ``int(h·s + 0.5)`` × ``int(w·s + 0.5)``; mmseg's ratios 0.5–1.75 for multi-scale)."""
         height, width = images.shape[-2:]
-        if view_sizes is not None and len(view_sizes) != len(scales):
-            raise ValueError(f"{len(view_sizes)} view sizes for {len(scales)} scales")
-        sizes = view_sizes or [(int(height * s + 0.5), int(width * s + 0.5)) for s in scales]
+        views = [resize(images, (int(height * s + 0.5), int(width * s + 0.5))) for s in scales]
+        return self.aug_test(views, out_size or (height, width), mode, flip, crop_size, stride)
+
+    @torch.no_grad()
+    def aug_test(
+        self,
+        views: Sequence[torch.Tensor],
+        out_size: Sequence[int],
+        mode: InferenceMode = "whole",
+        flip: bool = False,
+        crop_size: Sequence[int] = (512, 512),
+        stride: Sequence[int] = (341, 341),
+    ) -> torch.Tensor:
+        """mmseg's ``aug_test``: class probabilities (B, K, *out_size), the mean over ``views`` (× flip).
+
+        Each view (B, 3, h_i, w_i), and its horizontal flip, gives logits at its own size, resized to
+        ``out_size`` (the original image's size), turned into a softmax and flipped back. One view
+        without flip is mmseg's single-scale test.
+        """
+        out_size = tuple(out_size)
         probs = None
-        for size in sizes:
-            scaled = resize(images, size)
+        for scaled in views:
             for flipped in (False, True) if flip else (False,):
                 view = scaled.flip(-1) if flipped else scaled
                 logits = self.inference(view, mode, crop_size, stride).float()  # bf16 under autocast
                 p = resize(logits, out_size).softmax(dim=1)
                 p = p.flip(-1) if flipped else p
                 probs = p if probs is None else probs + p
-        return probs / (len(sizes) * (2 if flip else 1))
+        return probs / (len(views) * (2 if flip else 1))
