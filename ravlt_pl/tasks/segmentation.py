@@ -117,8 +117,8 @@ class SegmentationTask(BaseTask):
             backbone (fine-tuning on other classes); by default such a file loads whole.
         **kwargs: the :class:`BaseTask` arguments (``optimizer``, ``scheduler``, ``ema_decay``,
             ``pretrained``, ``report_dir``, ``weight_decay_exempt``, ``float32_matmul_precision``).
-            Here ``pretrained`` is either the authors' released segmentor (their ``fpn_*.pth`` /
-            ``upernet_*.pth``: every tensor is loaded, for ``fit``, ``validate``, ``test`` and ``predict``)
+            Here ``pretrained`` is either the authors' released segmentor (their ``fpn_*_1x.pth`` /
+            ``uper_*_2x.pth``: every tensor is loaded, for ``fit``, ``validate``, ``test`` and ``predict``)
             or a classification checkpoint loaded into the backbone before ``fit``; the EMA (when set)
             is what validate/test/predict evaluate, and ``weight_decay_exempt`` ``None`` decays every parameter.
     """
