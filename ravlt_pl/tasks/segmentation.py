@@ -42,7 +42,12 @@ def scores_from_confusion(confmat: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"mIoU": iou.nanmean(), "mAcc": acc.nanmean(), "aAcc": tp.sum() / label_area.sum(), "IoU": iou, "Acc": acc}
 
 
-def load_released_segmentor(model: EncoderDecoder, checkpoint: str) -> list[str]:
+def describe_backbone(spec: Mapping) -> str:
+    """``ravlt_s`` (a published variant) or its widths and depths."""
+    return variant_name(spec) or f"RAVLT of widths {list(spec['embed_dims'])}, depths {list(spec['depths'])}"
+
+
+def load_released_segmentor(model: EncoderDecoder, checkpoint: str | Mapping) -> list[str]:
     """Load an authors' released segmentor file (mmseg ``state_dict`` with its heads) into ``model``, every tensor.
 
     Returns the parts loaded (``backbone``, ``neck``, ``decode_head``, ``auxiliary_head``), or ``[]`` when
@@ -61,13 +66,12 @@ def load_released_segmentor(model: EncoderDecoder, checkpoint: str) -> list[str]
             f"{source}: is a released {SEGMENTOR_CLASS[family.name].__name__}, but the config builds "
             f"{type(model).__name__}; use the config of that segmentor"
         )
-    released = infer_backbone(state)
-    ours = model.backbone
-    if [released["embed_dims"], released["depths"]] != [list(ours.embed_dims), list(ours.depths)]:
+    theirs = infer_backbone(state)
+    ours = {k: list(getattr(model.backbone, k)) for k in ("embed_dims", "depths", "num_heads")}
+    if any(list(theirs[k]) != ours[k] for k in ours):
         raise CheckpointError(
-            f"{source}: its backbone is {variant_name(released) or 'not a published variant'} (widths "
-            f"{released['embed_dims']}, depths {released['depths']}), the config's has widths {list(ours.embed_dims)}, "
-            f"depths {list(ours.depths)}; use the config of that variant"
+            f"{source}: a released {type(model).__name__} on {describe_backbone(theirs)}, but the config builds it on "
+            f"{describe_backbone(ours)}; use the config of that variant"
         )
     try:
         load_converted(model, family.convert(state, model), source)

@@ -18,11 +18,13 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from ravlt_pl.cli import build_cli, main
 from ravlt_pl.data.synthetic import make_segmentation
-from ravlt_pl.models import RAVLT, variant_kwargs
+from ravlt_pl.models import RAVLT, build_backbone, variant_kwargs
 from ravlt_pl.models.checkpoint import CheckpointError
 from ravlt_pl.models.segmentation import EncoderDecoder, FCNHead, SemanticFPN, UperNet
 from ravlt_pl.tasks.base import WarmupSchedule, param_groups
-from ravlt_pl.tasks.segmentation import SegmentationScores, SegmentationTask, scores_from_confusion
+from ravlt_pl.tasks.segmentation import (
+    SegmentationScores, SegmentationTask, load_released_segmentor, scores_from_confusion,
+)  # fmt: skip
 from ravlt_pl.tasks.segmentation_report import AUTHORS_TEST_RATIOS
 from tests.conftest import TINY
 
@@ -362,6 +364,19 @@ def test_a_released_file_of_another_segmentor_or_variant_is_refused_naming_both(
         released_task(SemanticFPN, path).setup("validate")
     other_variant = SegmentationTask(num_classes=150, backbone_overrides=TINY, pretrained=str(path),
                                      segmentor=partial(UperNet, head_channels=16, aux_channels=16))  # fmt: skip
-    with pytest.raises(CheckpointError, match=r"its backbone is not a published variant \(widths \[8, 16, 24, 32\].*"
-                                              r"the config's has widths \[16, 32, 48, 64\]"):  # fmt: skip
+    message = (r"a released UperNet on RAVLT of widths \[8, 16, 24, 32\], depths \[1, 1, 2, 1\], "
+               r"but the config builds it on RAVLT of widths \[16, 32, 48, 64\]")  # fmt: skip
+    with pytest.raises(CheckpointError, match=message):
         other_variant.setup("validate")
+
+
+def test_a_released_b_file_into_an_s_config_is_one_line_naming_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full-size key sets (shapes only, on the meta device): the authors' uper_b_2x into upernet_s_160k."""
+    monkeypatch.setattr("ravlt_pl.models.ravlt.trunc_normal_", lambda tensor, **kwargs: tensor)
+    shapes = json.loads((OFFICIAL_FULL / "released_state_dict_shapes.json").read_text())["RALA_Uper_b_2x.py"]
+    with torch.device("meta"):
+        state = {k: torch.empty(shape) for k, shape in shapes.items()}
+        model = UperNet(build_backbone("ravlt_s", out_indices=(0, 1, 2, 3)), 150)
+    message = r"^<state dict>: a released UperNet on ravlt_b, but the config builds it on ravlt_s; use the config"
+    with pytest.raises(CheckpointError, match=message):
+        load_released_segmentor(model, {"state_dict": state})
