@@ -42,7 +42,7 @@ def variant_name(backbone: Mapping) -> str | None:
     return None
 
 
-def build_backbone(state: Mapping[str, torch.Tensor]) -> RAVLT:
+def released_backbone(state: Mapping[str, torch.Tensor]) -> RAVLT:
     """The dense RAVLT (maps at strides 4–32) the ``backbone.*`` tensors describe."""
     kwargs = infer_backbone(state)
     if kwargs["out_indices"] != (0, 1, 2, 3):
@@ -60,11 +60,11 @@ def build_semantic_fpn(state: Mapping[str, torch.Tensor]) -> SemanticFPN:
     fpn_channels = _shape(state, "neck.lateral_convs.0.conv.weight")
     head_channels = _shape(state, "decode_head.scale_heads.0.0.conv.weight")
     num_classes = _shape(state, "decode_head.conv_seg.weight")
-    return SemanticFPN(build_backbone(state), num_classes, fpn_channels, head_channels)
+    return SemanticFPN(released_backbone(state), num_classes, fpn_channels, head_channels)
 
 
 def build_upernet(state: Mapping[str, torch.Tensor]) -> UperNet:
-    backbone = build_backbone(state)
+    backbone = released_backbone(state)
     pools = len({m[1] for k in state if (m := re.match(r"decode_head\.psp_modules\.(\d+)\.", k))})
     if pools not in PUBLISHED_POOL_SCALES:
         raise CheckpointError(f"UPerHead has {pools} pyramid-pooling branches; only the published 4 are known")
