@@ -29,6 +29,19 @@ GridRow = tuple[np.ndarray, np.ndarray, np.ndarray]
 SCORES = ("mIoU", "mAcc", "aAcc")
 #: classes named in the grid's legend at most (ADE20K has 150), in this many columns
 LEGEND_CLASSES, LEGEND_COLUMNS = 24, 4
+#: the authors' ``tools/test.py`` default (``--aug-test``): these ratios of the test resize, each also flipped
+AUTHORS_TEST_RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+
+
+def protocol(mode: str, scales: Sequence[float], flip: bool, bound: Sequence[int] | None) -> str:
+    """One sentence saying how the evaluation ran, naming the authors' protocol when it is theirs."""
+    resize = f"the test resize to fit {max(bound)}×{min(bound)}" if bound else "the input"
+    views = f"ratios {list(scales)} of {resize}" + (", each also flipped" if flip else "")
+    if list(scales) == [1.0] and not flip:
+        views = f"single scale ({resize}; mmseg's evaluation during training)"
+    elif list(scales) == AUTHORS_TEST_RATIOS and flip and mode == "whole":
+        views += " (the authors' tools/test.py default, --aug-test)"
+    return f"{views}; {mode} inference; mean softmax at the original size; each image at its own size, unpadded"
 
 
 def write_segmentation_report(
@@ -42,8 +55,9 @@ def write_segmentation_report(
 ) -> dict[str, Path]:
     """``segmentation_<stage>.json`` / ``.md`` (and ``_grid.png`` when ``grid`` has rows) in ``out_dir``.
 
-    ``setup`` describes the run (``segmentor``, ``variant``, ``inference``: mode, scales, flip) and is
-    copied into the JSON; ``weights`` is :meth:`~.base.BaseTask.weights_source`'s line.
+    ``setup`` describes the run (``segmentor``, ``variant``, ``inference``: mode, scales, flip;
+    ``protocol``: :func:`protocol`'s sentence) and is copied into the JSON; ``weights`` is
+    :meth:`~.base.BaseTask.weights_source`'s line.
     """
     iou, acc = scores["IoU"].tolist(), scores["Acc"].tolist()
     overall = {k: float(scores[k]) for k in SCORES}
@@ -57,7 +71,8 @@ def write_segmentation_report(
     tta = f"{inference['mode']}, scales {list(inference['scales'])}{', flip' if inference['flip'] else ''}"
     markdown = (
         f"# Semantic segmentation ({stage})\n\n"
-        f"RAVLT {setup['variant']} + {setup['segmentor']}, inference: {tta}.\n\nWeights: {weights}.\n\n"
+        f"RAVLT {setup['variant']} + {setup['segmentor']}, inference: {tta}.\n\nProtocol: {setup['protocol']}.\n\n"
+        f"Weights: {weights}.\n\n"
         "Scores are fractions from 0 to 1.\n\n"
         + markdown_table(list(SCORES), [[_fraction(overall[k]) for k in SCORES]])
         + "\nPer class. '-': IoU of a class absent from ground truth and prediction, Acc of a class absent "

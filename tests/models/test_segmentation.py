@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ravlt_pl.models import build_backbone
 from ravlt_pl.models.segmentation import EncoderDecoder, FPNHead, SemanticFPN, UPerHead, UperNet
@@ -115,6 +116,24 @@ def test_multi_scale_flip_averages_every_view() -> None:
     views += [model.predict(images.flip(-1), scales=[s]).flip(-1) for s in scales]
     assert probs.shape == (1, 5, 48, 64)
     assert torch.allclose(probs, torch.stack(views).mean(0), atol=1e-6)
+
+
+def test_aug_test_is_mmsegs_each_views_softmax_at_the_original_size() -> None:
+    """mmseg 0.13 ``aug_test``: per view, logits at the view's size → bilinear to ``ori_shape`` → softmax →
+    flipped back; the mean over views."""
+    model = tiny("upernet").eval()
+    views, original = [torch.randn(1, 3, 24, 32), torch.randn(1, 3, 61, 81)], (45, 60)
+    probs = model.aug_test(views, original, flip=True)
+    expected = []
+    with torch.no_grad():
+        for view in views:
+            for flip in (False, True):
+                logits = model.decode_head(model.backbone(view.flip(-1) if flip else view))
+                logits = F.interpolate(logits, size=view.shape[-2:], mode="bilinear", align_corners=False)
+                p = F.interpolate(logits, size=original, mode="bilinear", align_corners=False).softmax(1)
+                expected.append(p.flip(-1) if flip else p)
+    assert probs.shape == (1, 5, *original)
+    assert torch.allclose(probs, torch.stack(expected).mean(0), atol=1e-6)
 
 
 def test_unknown_inference_mode_is_rejected() -> None:

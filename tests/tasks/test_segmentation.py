@@ -7,6 +7,7 @@ import re
 from functools import partial
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -17,10 +18,14 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from ravlt_pl.cli import build_cli, main
 from ravlt_pl.data.synthetic import make_segmentation
-from ravlt_pl.models import RAVLT, variant_kwargs
+from ravlt_pl.models import RAVLT, build_backbone, variant_kwargs
+from ravlt_pl.models.checkpoint import CheckpointError
 from ravlt_pl.models.segmentation import EncoderDecoder, FCNHead, SemanticFPN, UperNet
 from ravlt_pl.tasks.base import WarmupSchedule, param_groups
-from ravlt_pl.tasks.segmentation import SegmentationScores, SegmentationTask, scores_from_confusion
+from ravlt_pl.tasks.segmentation import (
+    SegmentationScores, SegmentationTask, load_released_segmentor, scores_from_confusion,
+)  # fmt: skip
+from ravlt_pl.tasks.segmentation_report import AUTHORS_TEST_RATIOS
 from tests.conftest import TINY
 
 RECIPES = sorted(str(p) for p in Path("configs/seg").glob("*.yaml"))
@@ -151,6 +156,9 @@ def test_config_fast_dev_run(config: str, ade_root: Path, tmp_path: Path) -> Non
     main(["fit", *cli_args(config, ade_root, tmp_path, "--trainer.fast_dev_run", "1")])
     report = json.loads((tmp_path / "reports/fit/segmentation_val.json").read_text())
     assert report["headline"]["name"] == "mIoU" and 0.0 <= report["headline"]["value"] <= 1.0
+    # fit's validations are single-scale (mmseg's evaluation hook), whatever validate/test use
+    assert report["inference"] == {"mode": "whole", "scales": [1.0], "flip": False}
+    assert report["protocol"].startswith("single scale (the test resize to fit 64×48; mmseg's evaluation during")
 
 
 def test_validate_report_and_predict_masks(ade_root: Path, tmp_path: Path) -> None:
@@ -228,6 +236,7 @@ def test_recipe_builds_its_segmentor_and_weight_decay_as_the_authors(config: str
     names holding "norm" (custom_keys decay_mult 0) and decays biases, gammas and the heads' BatchNorms."""
     task = recipe_task(config)
     model, fpn = task.model, "fpn_" in config
+    assert (task.hparams.test_scales, task.hparams.test_flip) == (AUTHORS_TEST_RATIOS, True)  # their --aug-test
     assert type(model) is (SemanticFPN if fpn else UperNet)
     assert model.decode_head.classifier[1].in_channels == (128 if fpn else 512)
     groups = param_groups(model, task.weight_decay_exempt)
@@ -266,3 +275,108 @@ def test_recipe_schedule_is_the_authors_mmseg_poly(config: str) -> None:
     for step in (0, 1, 750, 1499, 1500, 40000, total - 1, total):
         expected = mmseg_poly_lr(step, **recipe)
         assert schedule.factor(step) * recipe["lr"] == pytest.approx(expected, rel=1e-9, abs=1e-15), step
+
+
+# -- the authors' released segmentors, whole -------------------------------------------------------------
+OFFICIAL_FULL = Path(__file__).resolve().parents[1] / "fixtures" / "official_full"
+#: the fixtures' backbone (RAVLT with 8–32 channels) and head widths (16)
+FIXTURE_BACKBONE = dict(embed_dims=[8, 16, 24, 32], depths=[1, 1, 2, 1], num_heads=[1, 2, 3, 4], projection=256)
+FIXTURE_HEADS = {"SemanticFPN": {"fpn_channels": 16, "head_channels": 16},
+                 "UperNet": {"head_channels": 16, "aux_channels": 16}}  # fmt: skip
+
+
+def released_file(tmp_path: Path, family: str) -> tuple[Path, dict]:
+    """The fixture's authors'-format state dict saved as mmcv saves a release (``meta`` + ``state_dict``)."""
+    fx = torch.load(OFFICIAL_FULL / f"official_full_{family}.pt", weights_only=True)
+    path = tmp_path / f"{family}_released.pth"
+    torch.save({"meta": {"mmseg_version": "0.13.0", "CLASSES": ["wall"]}, "state_dict": fx["state_dict"]}, path)
+    return path, fx
+
+
+def released_task(segmentor: type[EncoderDecoder], pretrained: Path, num_classes: int = 150, **kwargs):
+    heads = FIXTURE_HEADS[segmentor.__name__]
+    return SegmentationTask(num_classes=num_classes, backbone_overrides=FIXTURE_BACKBONE,
+                            segmentor=partial(segmentor, **heads), pretrained=str(pretrained), **kwargs)  # fmt: skip
+
+
+@pytest.mark.parametrize("segmentor", [SemanticFPN, UperNet], ids=lambda s: s.__name__)
+def test_a_released_segmentor_loads_whole_and_gives_the_authors_class_maps(segmentor, tmp_path: Path, caplog):
+    path, fx = released_file(tmp_path, "semantic_fpn" if segmentor is SemanticFPN else "upernet")
+    task = released_task(segmentor, path)
+    with caplog.at_level("INFO"):
+        task.setup("validate")  # loaded for evaluation too, not only before fit
+    parts = "backbone, neck, decode_head" if segmentor is SemanticFPN else "backbone, decode_head, auxiliary_head"
+    assert task._released_parts == parts.split(", ")
+    assert f"the authors' released {segmentor.__name__}, every tensor of {parts}" in caplog.text
+    model = task.model.eval()
+    sizes = [meta["ori_shape"][:2] for meta in fx["inputs"]["img_metas"]]
+    for logits, expected in zip(model.predict_preprocessed(fx["inputs"]["batch"], sizes), fx["outputs"]["seg_pred"]):
+        assert torch.equal(logits.argmax(0), expected.long())
+
+
+def test_validate_with_a_released_file_reports_it(ade_root: Path, tmp_path: Path) -> None:
+    path, _ = released_file(tmp_path, "upernet")
+    widths = FIXTURE_HEADS["UperNet"].items()
+    heads = [arg for k, v in widths for arg in (f"--model.init_args.segmentor.init_args.{k}", str(v))]
+    args = cli_args("configs/seg/upernet_s_160k.yaml", ade_root, tmp_path, narrow_heads=False)
+    args += ["--model.init_args.backbone_overrides", json.dumps(FIXTURE_BACKBONE), *heads,
+             "--data.init_args.num_classes", "150", "--model.init_args.pretrained", str(path),
+             "--model.init_args.report_dir", str(tmp_path / "report")]  # fmt: skip
+    cli = main(["validate", *args])
+    released_classifier = torch.load(path)["state_dict"]["decode_head.conv_seg.weight"]
+    assert torch.equal(cli.model.model.decode_head.classifier[1].weight, released_classifier)
+    data = json.loads((tmp_path / "report/segmentation_val.json").read_text())
+    assert data["weights"] == f"the authors' released UperNet {path}"
+    # the config's evaluation is the authors' tools/test.py default: 6 ratios × flip of the data's test resize
+    assert data["inference"] == {"mode": "whole", "scales": AUTHORS_TEST_RATIOS, "flip": True}
+    authors = "(the authors' tools/test.py default, --aug-test); whole inference; mean softmax at the original size"
+    assert authors in data["protocol"]
+    # each view is made from the image file as mmseg makes it: cv2 bilinear on the original uint8 pixels
+    image_file = sorted((ade_root / "images/validation").iterdir())[0]
+    image = np.asarray(Image.open(image_file).convert("RGB"))  # 48×64
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    for view, size in zip(cli.model.test_inputs(str(image_file), [0.5, 1.75], (64, 48)), [(24, 32), (84, 112)]):
+        resized = cv2.resize(image, size[::-1], interpolation=cv2.INTER_LINEAR)  # 64×48 × .5 and × 1.75
+        expected = torch.from_numpy((resized / 255 - mean) / std).permute(2, 0, 1).float()
+        assert view.shape == (1, 3, *size) and torch.allclose(view[0], expected, atol=1e-5)
+    assert f"Protocol: {data['protocol']}." in (tmp_path / "report/segmentation_val.md").read_text()
+
+
+def test_a_released_file_of_another_class_count_fails_and_says_how_to_load_its_backbone(tmp_path: Path) -> None:
+    path, _ = released_file(tmp_path, "upernet")
+    task = released_task(UperNet, path, num_classes=19)
+    message = (r"decode_head.classifier.1.weight has shape \(150, 16, 1, 1\) in the checkpoint but \(19, 16, 1, 1\).*"
+               "--model.init_args.pretrained_backbone_only true")  # fmt: skip
+    with pytest.raises(CheckpointError, match=message):
+        task.setup("fit")
+    backbone_only = released_task(UperNet, path, num_classes=19, pretrained_backbone_only=True)
+    heads = {k: v.clone() for k, v in backbone_only.model.state_dict().items() if not k.startswith("backbone.")}
+    backbone_only.setup("fit")
+    key = "layers.2.blocks.0.attn.qkvo.weight"
+    released_tensor = torch.load(path)["state_dict"][f"backbone.{key}"]
+    assert torch.equal(backbone_only.model.backbone.state_dict()[key], released_tensor)
+    assert all(torch.equal(v, backbone_only.model.state_dict()[k]) for k, v in heads.items())  # heads left at init
+
+
+def test_a_released_file_of_another_segmentor_or_variant_is_refused_naming_both(tmp_path: Path) -> None:
+    path, _ = released_file(tmp_path, "upernet")
+    with pytest.raises(CheckpointError, match=r"released.pth: is a released UperNet, but the config builds SemanticF"):
+        released_task(SemanticFPN, path).setup("validate")
+    other_variant = SegmentationTask(num_classes=150, backbone_overrides=TINY, pretrained=str(path),
+                                     segmentor=partial(UperNet, head_channels=16, aux_channels=16))  # fmt: skip
+    message = (r"a released UperNet on RAVLT of widths \[8, 16, 24, 32\], depths \[1, 1, 2, 1\], "
+               r"but the config builds it on RAVLT of widths \[16, 32, 48, 64\]")  # fmt: skip
+    with pytest.raises(CheckpointError, match=message):
+        other_variant.setup("validate")
+
+
+def test_a_released_b_file_into_an_s_config_is_one_line_naming_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full-size key sets (shapes only, on the meta device): the authors' uper_b_2x into upernet_s_160k."""
+    monkeypatch.setattr("ravlt_pl.models.ravlt.trunc_normal_", lambda tensor, **kwargs: tensor)
+    shapes = json.loads((OFFICIAL_FULL / "released_state_dict_shapes.json").read_text())["RALA_Uper_b_2x.py"]
+    with torch.device("meta"):
+        state = {k: torch.empty(shape) for k, shape in shapes.items()}
+        model = UperNet(build_backbone("ravlt_s", out_indices=(0, 1, 2, 3)), 150)
+    message = r"^<state dict>: a released UperNet on ravlt_b, but the config builds it on ravlt_s; use the config"
+    with pytest.raises(CheckpointError, match=message):
+        load_released_segmentor(model, {"state_dict": state})

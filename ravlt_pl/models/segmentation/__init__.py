@@ -6,6 +6,6 @@ from .semantic_fpn import FPNHead, FPNNeck, SemanticFPN
 from .upernet import PyramidPoolingModule, UPerHead, UperNet
 
 __all__ = [
-    "EncoderDecoder", "resize", "SemanticFPN", "UperNet", "FPNNeck", "FPNHead", "FCNHead", "PixelClassifier",
-    "UPerHead", "PyramidPoolingModule",
+    "EncoderDecoder", "resize", "SemanticFPN", "UperNet", "FPNNeck", "FPNHead", "FCNHead",
+    "PixelClassifier", "UPerHead", "PyramidPoolingModule",
 ]  # fmt: skip

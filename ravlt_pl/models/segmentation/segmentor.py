@@ -5,9 +5,10 @@ num_classes, ...)`` (torchvision's style): :class:`~.semantic_fpn.SemanticFPN`,
 :class:`~.upernet.UperNet`. The task builds the backbone and calls the class a config names by
 ``class_path``, so another decoder is one new file with one such subclass.
 
-Inference follows mmsegmentation's ``EncoderDecoder``: ``whole`` runs the image at once (the
-published setting), ``slide`` averages overlapping crops; ``predict`` adds multi-scale + flip
-test-time augmentation by averaging softmax probabilities resized to the output size.
+Inference follows mmseg 0.13's ``EncoderDecoder``: ``whole`` runs the image at once (the
+published setting), ``slide`` averages overlapping crops; ``aug_test`` is its multi-scale + flip
+test (the mean of each view's softmax at the output size), ``predict`` that of one input resized by
+ratios, and ``predict_preprocessed`` its single-image test path on inputs its pipeline made.
 """
 
 from __future__ import annotations
@@ -107,6 +108,23 @@ class EncoderDecoder(nn.Module):
         raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
 
     @torch.no_grad()
+    def predict_preprocessed(
+        self, images: Sequence[torch.Tensor], original_sizes: Sequence[Sequence[int]]
+    ) -> list[torch.Tensor]:
+        """mmseg's single-scale test, one image per forward: per image (K, H, W) logits at its original size.
+
+        ``images``: (1, 3, h, w) each, resized and normalised by the authors' test pipeline, not padded
+        (stride-2 convs round odd sizes up). The decode head's logits are resized (bilinear) to the
+        input size, then to ``original_sizes[i]`` (H, W), as ``EncoderDecoder.whole_inference`` does.
+        """
+        if len(images) != len(original_sizes):
+            raise ValueError(f"{len(images)} images but {len(original_sizes)} original sizes")
+        for i, image in enumerate(images):
+            if image.dim() != 4 or image.shape[:2] != (1, 3):
+                raise ValueError(f"image {i} has shape {tuple(image.shape)}; expected (1, 3, h, w): one per forward")
+        return [resize(self.encode_decode(x), size)[0] for x, size in zip(images, original_sizes)]
+
+    @torch.no_grad()
     def predict(
         self,
         images: torch.Tensor,
@@ -117,22 +135,35 @@ class EncoderDecoder(nn.Module):
         crop_size: Sequence[int] = (512, 512),
         stride: Sequence[int] = (341, 341),
     ) -> torch.Tensor:
-        """Class probabilities (B, K, *out_size), averaged over ``scales`` × (flip) test-time augmentations.
-
-        Each scale resizes the input by that ratio (mmseg's ``img_ratios`` 0.5–1.75 for multi-scale);
-        each view's logits go back to the input size, then to ``out_size`` (the label's size), then
-        through a softmax, as mmseg's ``aug_test`` does.
-        """
-        out_size = tuple(out_size or images.shape[-2:])
+        """Class probabilities (B, K, *out_size): :meth:`aug_test` of the input resized by each of ``scales``
+        (to ``int(h·s + 0.5)`` × ``int(w·s + 0.5)``; mmseg's ratios 0.5–1.75 for multi-scale)."""
         height, width = images.shape[-2:]
+        views = [resize(images, (int(height * s + 0.5), int(width * s + 0.5))) for s in scales]
+        return self.aug_test(views, out_size or (height, width), mode, flip, crop_size, stride)
+
+    @torch.no_grad()
+    def aug_test(
+        self,
+        views: Sequence[torch.Tensor],
+        out_size: Sequence[int],
+        mode: InferenceMode = "whole",
+        flip: bool = False,
+        crop_size: Sequence[int] = (512, 512),
+        stride: Sequence[int] = (341, 341),
+    ) -> torch.Tensor:
+        """mmseg's ``aug_test``: class probabilities (B, K, *out_size), the mean over ``views`` (× flip).
+
+        Each view (B, 3, h_i, w_i), and its horizontal flip, gives logits at its own size, resized to
+        ``out_size`` (the original image's size), turned into a softmax and flipped back. One view
+        without flip is mmseg's single-scale test.
+        """
+        out_size = tuple(out_size)
         probs = None
-        for scale in scales:
-            scaled = images if scale == 1 else resize(images, (int(height * scale + 0.5), int(width * scale + 0.5)))
+        for scaled in views:
             for flipped in (False, True) if flip else (False,):
                 view = scaled.flip(-1) if flipped else scaled
                 logits = self.inference(view, mode, crop_size, stride).float()  # bf16 under autocast
-                logits = logits.flip(-1) if flipped else logits
-                p = resize(resize(logits, (height, width)), out_size).softmax(dim=1)
+                p = resize(logits, out_size).softmax(dim=1)
+                p = p.flip(-1) if flipped else p
                 probs = p if probs is None else probs + p
-        return probs / (len(scales) * (2 if flip else 1))
-
+        return probs / (len(views) * (2 if flip else 1))
