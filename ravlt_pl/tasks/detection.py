@@ -14,6 +14,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import Params
@@ -325,11 +326,20 @@ def coco_results(detection: dict[str, Tensor], image_id: int, category_ids: Sequ
 
 
 def at_input_size(detection: dict[str, Tensor], original_size, size: tuple[int, int], threshold: float) -> dict:
-    """The detections scoring ≥ ``threshold`` (original pixels) at the input image's ``size``, for drawing."""
-    keep = detection["scores"] >= threshold
-    shown = {k: v[keep].cpu() for k, v in detection.items()}
-    scaled = detection_report.truth_at_input_size({**shown, "orig_size": original_size}, size)
-    return {**shown, **scaled}
+    """The detections scoring ≥ ``threshold`` (original pixels) at the input image's ``size``, for drawing.
+
+    Masks are resized one at a time (nearest): a full-size float copy of them all would be large.
+    """
+    keep = torch.where(detection["scores"] >= threshold)[0]
+    height, width = (int(v) for v in original_size)
+    scale = torch.tensor([size[1] / width, size[0] / height] * 2)
+    shown = {"boxes": detection["boxes"][keep].cpu() * scale, "scores": detection["scores"][keep].cpu(),
+             "labels": detection["labels"][keep].cpu()}  # fmt: skip
+    if "masks" in detection:
+        masks = [F.interpolate(detection["masks"][i][None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
+                 for i in keep.tolist()]  # fmt: skip
+        shown["masks"] = torch.stack(masks).cpu() if masks else torch.zeros(0, *size, dtype=torch.bool)
+    return shown
 
 
 def gather_compute(metric: MeanAveragePrecision) -> dict:
