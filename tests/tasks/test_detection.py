@@ -214,6 +214,7 @@ def test_validate_writes_report_and_coco_results(coco_root, tmp_path):
     md = (out / "detection_val.md").read_text()
     assert md.startswith("# Detection report (val)\n\nRAVLTMaskRCNN (ravlt_t), weights: the weights the config builds")
     assert report["weights"].startswith("the weights the config builds")
+    assert report["protocol"].startswith("one image per forward") and "Protocol: one image per forward" in md
     assert (out / "detection_val_predictions.png").stat().st_size > 0
     gt = COCO(str(coco_root / "annotations" / "instances_val2017.json"))
     for iou in ("bbox", "segm"):
