@@ -312,3 +312,23 @@ def test_paste_masks_samples_pixel_centres_in_the_float_box_and_stays_boolean():
     assert torch.equal(masks[0], expected)
     # a zero-size box: mmdet maps its infinite grid coordinates to 0 (the map's centre) in its ±1 px region
     assert masks[1].nonzero().tolist() == [[0, 0]]
+
+
+def test_mask_rcnn_trains_with_the_authors_l1_box_losses():
+    model = tiny("maskrcnn").train()
+    assert isinstance(model.roi_heads, rcnn_rules.L1RoIHeads) and model.rpn.l1_box_loss
+    assert not tiny("cascade_maskrcnn").rpn.l1_box_loss  # the authors' cascade: smooth-L1 (β 1/9)
+    heads, features = model.roi_heads, {"0": torch.rand(1, 16, 16, 16), "1": torch.rand(1, 16, 8, 8),
+                                        "2": torch.rand(1, 16, 4, 4), "3": torch.rand(1, 16, 2, 2)}  # fmt: skip
+    proposals = [torch.tensor([[2.0, 2, 22, 22], [28, 8, 58, 44], [0, 0, 30, 30], [35, 5, 63, 30]])]
+    targets = [dict(_targets()[0], masks=torch.zeros(2, 64, 64, dtype=torch.uint8))]
+    torch.manual_seed(0)
+    _, losses = heads(features, proposals, [(64, 64)], targets)
+    torch.manual_seed(0)
+    sampled, _, labels, regression = heads.select_training_samples(proposals, targets)
+    _, deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, sampled, [(64, 64)])))
+    labels, regression = labels[0], regression[0]
+    pos = torch.where(labels > 0)[0]
+    expected = (deltas.view(len(deltas), -1, 4)[pos, labels[pos]] - regression[pos]).abs().sum() / len(labels)
+    torch.testing.assert_close(losses["loss_box_reg"], expected)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask"}

@@ -33,7 +33,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 from .backbone import ravlt_fpn
 from .cascade import CascadeMaskRCNN, CascadeRoIHeads
 from .rcnn_rules import (
-    DeltaXYWHCoder, MmdetAnchorGenerator, MmdetRoIAlign, MmdetRPN, add_masks, class_detections, scale_factor,
+    DeltaXYWHCoder, L1RoIHeads, MmdetAnchorGenerator, MmdetRoIAlign, MmdetRPN, add_masks, class_detections,
+    scale_factor,
 )  # fmt: skip
 
 #: mmdet's ``target_stds`` of the Mask R-CNN box head (torchvision's weights 10, 10, 5, 5)
@@ -140,7 +141,8 @@ class RAVLTMaskRCNN(MaskRCNN):
             min_size=0, max_size=0, image_mean=None, image_std=None, size_divisible=32, fixed_size=None,
             **kwargs,
         )  # fmt: skip
-        self.rpn = MmdetRPN.like(self.rpn, MmdetAnchorGenerator(scales=(8.0 * anchor_scale,)))
+        self.rpn = MmdetRPN.like(self.rpn, MmdetAnchorGenerator(scales=(8.0 * anchor_scale,)), l1_box_loss=True)
+        self.roi_heads.__class__ = L1RoIHeads  # same state, the authors' L1 box loss (torchvision builds RoIHeads)
         self.roi_heads.box_coder = DeltaXYWHCoder(BOX_STDS)
         # after construction: torchvision's constructor accepts MultiScaleRoIAlign only
         self.roi_heads.box_roi_pool = MmdetRoIAlign(output_size=7)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import boxes as box_ops, nms, roi_align
 
@@ -115,20 +116,34 @@ class MmdetRPN(RegionProposalNetwork):
     """torchvision's RPN choosing proposals as mmdet: per-level top-k, no small-box filter, mmcv's NMS per level.
 
     Same arguments as ``RegionProposalNetwork``; boxes are coded with :class:`DeltaXYWHCoder` (stds 1).
+    ``l1_box_loss``: L1 on the positives' deltas (the authors' Mask R-CNN) instead of torchvision's
+    smooth-L1 (β 1/9: the authors' Cascade), both summed over the sampled anchors' count.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, l1_box_loss: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.box_coder = DeltaXYWHCoder()
+        self.l1_box_loss = l1_box_loss
+
+    def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
+        if not self.l1_box_loss:
+            return super().compute_loss(objectness, pred_bbox_deltas, labels, regression_targets)
+        positive, negative = (torch.where(torch.cat(m))[0] for m in self.fg_bg_sampler(labels))
+        sampled = torch.cat([positive, negative])
+        labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
+        box_loss = F.l1_loss(pred_bbox_deltas[positive], regression_targets[positive], reduction="sum")
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], labels[sampled])
+        return objectness_loss, box_loss / sampled.numel()
 
     @classmethod
-    def like(cls, rpn: RegionProposalNetwork, anchor_generator: AnchorGenerator) -> "MmdetRPN":
+    def like(cls, rpn: RegionProposalNetwork, anchor_generator: AnchorGenerator, **kwargs) -> "MmdetRPN":
         """An ``MmdetRPN`` with ``rpn``'s head and settings and ``anchor_generator``."""
         return cls(
             anchor_generator, rpn.head, rpn.proposal_matcher.high_threshold, rpn.proposal_matcher.low_threshold,
             rpn.fg_bg_sampler.batch_size_per_image, rpn.fg_bg_sampler.positive_fraction,
-            dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n), rpn.nms_thresh, rpn.score_thresh,
+            dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n), rpn.nms_thresh, rpn.score_thresh, **kwargs,
         )  # fmt: skip
+
 
     def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
         num_images = proposals.shape[0]
@@ -145,6 +160,32 @@ class MmdetRPN(RegionProposalNetwork):
             final_boxes.append(boxes[keep])
             final_scores.append(score[keep])
         return final_boxes, final_scores
+
+
+class L1RoIHeads(RoIHeads):
+    """torchvision's RoI heads trained with the authors' Mask R-CNN box loss: L1 on the positives' deltas of
+    their class, summed over the sampled RoIs' count (torchvision: smooth-L1, β 1/9). Inference unchanged."""
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        if targets is None:
+            raise ValueError("targets are required in training mode")
+        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        logits, deltas = self.box_predictor(self.box_head(self.box_roi_pool(features, proposals, image_shapes)))
+        positives = [torch.where(lab > 0)[0] for lab in labels]
+        flat_labels, targets_ = torch.cat(labels), torch.cat(regression_targets)
+        positive = torch.where(flat_labels > 0)[0]
+        picked = deltas.reshape(len(deltas), -1, 4)[positive, flat_labels[positive]]
+        box_loss = F.l1_loss(picked, targets_[positive], reduction="sum") / flat_labels.numel()
+        losses = {"loss_classifier": F.cross_entropy(logits, flat_labels), "loss_box_reg": box_loss}
+        if self.has_mask():
+            rois = [p[k] for p, k in zip(proposals, positives)]
+            mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, rois, image_shapes)))
+            losses["loss_mask"] = maskrcnn_loss(mask_logits, rois, [t["masks"] for t in targets],
+                                                [t["labels"] for t in targets],
+                                                [m[k] for m, k in zip(matched_idxs, positives)])  # fmt: skip
+        return [], losses
 
 
 class MmdetRoIAlign(nn.Module):
