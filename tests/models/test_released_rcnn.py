@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from torchvision.models.detection.image_list import ImageList
 
 from ravlt_pl.models import released
@@ -202,13 +203,39 @@ def synthetic_state(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.mark.parametrize("config", RCNN_CONFIGS)
-def test_full_size_release_layout_builds_loads_whole_and_runs(config):
-    state = synthetic_state(SHAPES[config])
+CONFIGS = Path(__file__).parents[2] / "ravlt_pl" / "configs" / "det"
+
+
+def our_config(release: str) -> Path:
+    """Our config of a released layout: ``casrcnn_s_3x.py`` → ``cascade_maskrcnn_s_3x.yaml``, ``m`` → ``b``."""
+    family, size, schedule = release.removesuffix(".py").split("_")
+    name = {"casrcnn": "cascade_maskrcnn"}.get(family, family)
+    return CONFIGS / f"{name}_{ {'m': 'b'}.get(size, size) }_{schedule}.yaml"
+
+
+def detector_of(config: Path):
+    """The config's detector, built as the task builds it (80 COCO classes)."""
+    spec = yaml.safe_load(config.read_text())["model"]["init_args"]["detector"]
+    module, name = spec["class_path"].rsplit(".", 1)
+    return getattr(__import__(module, fromlist=[name]), name)(80, **spec["init_args"])
+
+
+@pytest.mark.parametrize("release", RCNN_CONFIGS)
+def test_full_size_release_layout_loads_whole_into_our_config_and_runs(release):
+    state = synthetic_state(SHAPES[release])
     model = released.from_released(state)
-    assert type(model) is (RAVLTCascadeMaskRCNN if config.startswith("casrcnn") else RAVLTMaskRCNN)
-    variant = {"t": "ravlt_t", "s": "ravlt_s", "m": "ravlt_b", "l": "ravlt_l"}[config.split("_")[1]]
-    assert model.variant == variant  # the authors' "m" is RAVLT-B
+    assert type(model) is (RAVLTCascadeMaskRCNN if release.startswith("casrcnn") else RAVLTMaskRCNN)
+    assert model.variant == {"t": "ravlt_t", "s": "ravlt_s", "m": "ravlt_b", "l": "ravlt_l"}[release.split("_")[1]]
+    ours = detector_of(our_config(release)).eval()  # the published config fits the released file exactly
+    family = released.family_of(state)
+    released.load_converted(ours, family.convert(state, ours), release)
     with torch.no_grad():
-        (result,) = model.predict_preprocessed(torch.randn(1, 3, 64, 64), [(64, 60)], [(48, 45)])
+        (result,) = ours.predict_preprocessed(torch.randn(1, 3, 64, 64), [(64, 60)], [(48, 45)])
     assert result["masks"].shape[1:] == (48, 45) and len(result["boxes"]) == len(result["labels"])
+
+
+def test_a_released_file_of_another_variant_fails_naming_key_and_both_shapes():
+    state = synthetic_state(SHAPES["maskrcnn_s_1x.py"])
+    ours = detector_of(CONFIGS / "maskrcnn_t_1x.yaml")
+    with pytest.raises(CheckpointError, match=r"maskrcnn_s_1x\.pth: \S+ has shape \(\d+.*\) in the checkpoint but \("):
+        released.load_converted(ours, released.family_of(state).convert(state, ours), "maskrcnn_s_1x.pth")
