@@ -13,8 +13,9 @@ with the two attributes the task reads:
 
 ``num_classes`` counts object classes only, without background. Images arrive already resized by
 the data pipeline (the published recipes resize, flip and crop there), so every detector's
-transform only normalises and pads (:class:`PresizedTransform`); :func:`rescale_detections` maps
-outputs back to the original image sizes.
+transform only normalises and pads (:class:`PresizedTransform`). The R-CNNs' ``predict_preprocessed``
+returns detections at the original sizes by the authors' rules; for the torchvision forward,
+:func:`rescale_detections` maps outputs back to the original image sizes.
 """
 
 from __future__ import annotations
@@ -97,7 +98,10 @@ class RAVLTRetinaNet(RetinaNet):
 
 
 class RAVLTMaskRCNN(MaskRCNN):
-    """Mask R-CNN on RAVLT: FPN on C2–C5 with a P6 max-pool, torchvision's RPN, 2-fc box head, 4-conv mask head.
+    """Mask R-CNN on RAVLT: FPN on C2–C5 with a P6 max-pool, RPN, 2-fc box head, 4-conv mask head.
+
+    torchvision's modules with the authors' (mmdet) anchors, box coding, RoIAlign and L1 box losses
+    (:mod:`.rcnn_rules`); :meth:`predict_preprocessed` is the authors' test path, which the task evaluates.
 
     Args:
         num_classes: object classes, without the background (label 0 in torchvision's R-CNNs).
