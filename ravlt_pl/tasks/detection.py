@@ -14,15 +14,18 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import Params
 from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
 
+from ..models import released
+from ..models.checkpoint import read_checkpoint
 from ..models.detection import dummy_forward, rescale_detections
 from . import detection_report
-from .base import BaseTask
+from .base import BaseTask, log
 
 #: torchmetrics key suffix → COCO's name, in COCOeval's order (the 12 numbers of ``summarize()``)
 COCO_METRICS = {
@@ -33,6 +36,11 @@ COCO_METRICS = {
 COCO_IOU_THRESHOLDS: list[float] = Params(iouType="bbox").iouThrs.tolist()  # .50:.05:.95
 COCO_RECALL_THRESHOLDS: list[float] = Params(iouType="bbox").recThrs.tolist()  # 0:.01:1
 Headline = Literal["bbox_map", "bbox_map_50", "segm_map", "segm_map_50"]
+#: what validate / test / predict run, said in every report
+PROTOCOL = ("one image per forward, padded alone to a multiple of 32 (the authors' tools/test.py: padding changes "
+            "the global attention's outputs), float32, the authors' mmdet test rules for the R-CNNs")  # fmt: skip
+#: top-level modules of our detectors → the part named when a whole released model is loaded
+PARTS = {"backbone.body": "backbone", "backbone.fpn": "FPN", "rpn": "RPN", "roi_heads": "RoI heads", "head": "head"}
 
 
 class DetectionTask(BaseTask):
@@ -53,8 +61,12 @@ class DetectionTask(BaseTask):
             The recipes: AdamW lr 1e-4, weight decay .05 for the R-CNNs, 1e-4 for RetinaNet; 500 linear
             warmup steps, ×0.1 at epochs 8, 11 / 27, 33; ``weight_decay_exempt`` the authors'
             ``paramwise_cfg`` per detector (``None`` decays every parameter). ``pretrained``: a backbone
-            checkpoint (ours or the authors' classification / mmdet release). The EMA (when set) is
-            what validate/test/predict evaluate.
+            checkpoint (ours or the authors' classification / mmdet release), or the authors' whole
+            released detector (see ``pretrained_parts``). The EMA (when set) is what validate/test/predict evaluate.
+        pretrained_parts: what ``pretrained`` initialises: ``auto`` the whole detector when the file is
+            one of the authors' released detectors (backbone, FPN, RPN, RoI / RetinaNet heads; it must then
+            fit the config: variant, widths, class count), else the backbone; ``backbone`` the backbone
+            only (fine-tuning on other classes); ``all`` the whole detector or an error.
     """
 
     mode = "max"
@@ -67,13 +79,16 @@ class DetectionTask(BaseTask):
         headline: Headline = "bbox_map",
         draw_score_threshold: float = 0.3,
         num_drawn_images: int = 4,
+        pretrained_parts: Literal["auto", "backbone", "all"] = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)  # records every argument as a hyper-parameter
         if callable(self.hparams.detector):  # built in Python, not from a config: checkpoints keep its name only
             self.hparams.detector = class_spec(detector)
         self.model = detector(num_classes)
-        self.load_pretrained_backbone(self.model.backbone.body)
+        self.released_source = self.load_pretrained_whole(pretrained_parts)
+        if self.released_source is None:
+            self.load_pretrained_backbone(self.model.backbone.body)
         self.label_offset: int = self.model.label_offset
         self.iou_types: tuple[str, ...] = tuple(self.model.iou_types)
         if headline.split("_")[0] not in self.iou_types:
@@ -93,14 +108,58 @@ class DetectionTask(BaseTask):
             det["labels"] = det["labels"] - self.label_offset  # 0-based class indices
         return detections
 
-    def detect(self, images: Sequence[Tensor], original_sizes: Sequence[tuple[int, int]]):
-        """Detections on the inputs and the same mapped to the original images (boolean masks)."""
-        detections = self(images)
-        sizes = [tuple(img.shape[-2:]) for img in images]
-        return detections, rescale_detections(detections, sizes, [tuple(s) for s in original_sizes])
+    def detect(self, images: Sequence[Tensor], original_sizes: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Detections in original pixels (0-based labels, masks (N, H, W) bool), one image per forward.
+
+        The authors test one image at a time, and the zero padding of a batch changes every output of
+        the global-attention backbone, so the results do not depend on the evaluation batch size.
+        """
+        model = self.ema.module if self.ema is not None else self.model
+        out = []
+        for image, size in zip(images, original_sizes):
+            size = tuple(int(v) for v in size)
+            inputs = [image.float() / 255 if image.dtype == torch.uint8 else image]
+            if hasattr(model, "predict_preprocessed"):  # the authors' test path, masks pasted at the original size
+                batch, _ = model.transform(inputs)
+                out += model.predict_preprocessed(batch.tensors, batch.image_sizes, [size])
+            else:  # torchvision's post-processing at input size, mapped back
+                (det,) = model(inputs)
+                det["labels"] = det["labels"] - self.label_offset
+                out += rescale_detections([det], [tuple(image.shape[-2:])], [size])
+        return out
 
     def flops_forward(self, images: Tensor):
         return dummy_forward(self.model, images)
+
+    # -- pretrained weights ------------------------------------------------------------------------
+    def load_pretrained_whole(self, parts: str) -> str | None:
+        """Load ``pretrained`` into the whole detector when it is an authors' released detector; its name, or
+        ``None`` when only the backbone is to be initialised (``parts="backbone"``, or a backbone-only file)."""
+        if not self.pretrained or parts == "backbone":
+            return None
+        raw, source = read_checkpoint(self.pretrained)
+        inner = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+        heads = isinstance(inner, dict) and any(k.startswith(("rpn_head.", "roi_head.", "bbox_head.")) for k in inner)
+        if not heads:
+            if parts == "all":
+                raise ValueError(f"pretrained_parts=all: {source} is no released detector (it has no detection heads)")
+            return None
+        state, _ = released.released_state(raw)
+        family = released.family_of(state, source)
+        released.load_converted(self.model, family.convert(state, self.model), source)
+        counts: dict[str, int] = {}
+        for key in self.model.state_dict():
+            part = next((name for prefix, name in PARTS.items() if key.startswith(prefix + ".")), key.split(".")[0])
+            counts[part] = counts.get(part, 0) + 1
+        log.info("pretrained: the whole %s from %s (%s): %s", type(self.model).__name__, source, family.name,
+                 ", ".join(f"{part} {n} tensors" for part, n in counts.items()))  # fmt: skip
+        return source
+
+    def weights_source(self, ema: bool = False) -> str:
+        trainer = self.trainer
+        if self.released_source and trainer.state.fn != TrainerFn.FITTING and not trainer.ckpt_path:
+            return f"the authors' released model {self.released_source} (every tensor)" + (", EMA" if ema else "")
+        return super().weights_source(ema)
 
     # -- training ----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -125,19 +184,20 @@ class DetectionTask(BaseTask):
 
     def _evaluate(self, batch, stage: str) -> None:
         images, targets = batch
-        detections, original = self.detect(images, [t["orig_size"] for t in targets])
+        original = self.detect(images, [t["orig_size"] for t in targets])
         self.metrics[stage].update(*metric_inputs(original, targets))
         if self._reporting():
-            self._collect(images, detections, original, targets)
+            self._collect(images, original, targets)
 
-    def _collect(self, images, detections, original, targets) -> None:
+    def _collect(self, images, original, targets) -> None:
         category_ids = self.category_ids()
-        for image, det, orig, target in zip(images, detections, original, targets):
+        for image, orig, target in zip(images, original, targets):
             self._results += coco_results(orig, int(target["image_id"]), category_ids)
             if len(self._drawn) < self.hparams.num_drawn_images:  # only what is drawn: masks are large
-                keep = det["scores"] >= self.hparams.draw_score_threshold
-                truth = detection_report.truth_at_input_size(target, tuple(image.shape[-2:]))
-                self._drawn.append((image.cpu(), truth, {k: v[keep].cpu() for k, v in det.items()}))
+                size = tuple(image.shape[-2:])
+                truth = detection_report.truth_at_input_size(target, size)
+                shown = at_input_size(orig, target["orig_size"], size, self.hparams.draw_score_threshold)
+                self._drawn.append((image.cpu(), truth, shown))
 
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, "val")
@@ -171,14 +231,16 @@ class DetectionTask(BaseTask):
         Masks go (as RLE) to ``predictions_segm.json`` at the epoch end, drawn images to ``<report dir>/drawn/``.
         """
         images = batch["image"]  # a list of (3, h, w) uint8, with their ``path``, ``index`` and ``orig_size``
-        detections, original = self.detect(images, batch["orig_size"])
+        original = self.detect(images, batch["orig_size"])
         category_ids, names = self.category_ids(), self.category_names()
         out = []
-        for image, det, orig, path, index in zip(images, detections, original, batch["path"], batch["index"]):
+        threshold = self.hparams.draw_score_threshold
+        for image, orig, size, path, index in zip(images, original, batch["orig_size"], batch["path"], batch["index"]):
             path = Path(path)
             image_id = int(path.stem) if path.stem.isdigit() else int(index)  # COCO names files by image id
             self._results += coco_results(orig, image_id, category_ids)
-            drawn = detection_report.draw_detections(image.cpu(), det, names, self.hparams.draw_score_threshold)
+            shown = at_input_size(orig, size, tuple(image.shape[-2:]), threshold)
+            drawn = detection_report.draw_detections(image.cpu(), shown, names, threshold)
             detection_report.save_drawn(self.report_dir() / "drawn" / f"{path.stem}.png", drawn)
             out.append({"image_id": image_id, "path": str(path), "file_name": path.name,
                         **{k: orig[k].cpu() for k in ("boxes", "scores", "labels")}})  # fmt: skip
@@ -209,7 +271,7 @@ class DetectionTask(BaseTask):
         detection_report.write_report(
             self.report_dir(), stage,
             model=type(self.model).__name__ + (f" ({self.model.variant})" if hasattr(self.model, "variant") else ""),
-            weights=self.weights_source(ema=self.ema is not None),
+            weights=self.weights_source(ema=self.ema is not None), protocol=PROTOCOL,
             headline=(self.headline, values[self.headline]),
             metrics={iou: {name: values[f"{iou}_{k}"] for k, name in COCO_METRICS.items()} for iou in self.iou_types},
             per_category={iou: per_class_ap(computed, iou, names) for iou in self.iou_types},
@@ -257,10 +319,27 @@ def coco_results(detection: dict[str, Tensor], image_id: int, category_ids: Sequ
         for b, s, c in zip(boxes.tolist(), scores, labels)
     ]
     if "masks" in detection and records:
-        masks = detection["masks"].detach().cpu().numpy().astype(np.uint8).transpose(1, 2, 0)  # (H, W, N)
-        for record, rle in zip(records, mask_utils.encode(np.asfortranarray(masks))):
+        for record, mask in zip(records, detection["masks"]):  # one at a time: full-size masks are large
+            (rle,) = mask_utils.encode(np.asfortranarray(mask.detach().cpu().numpy().astype(np.uint8)[:, :, None]))
             record["segmentation"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
     return records
+
+
+def at_input_size(detection: dict[str, Tensor], original_size, size: tuple[int, int], threshold: float) -> dict:
+    """The detections scoring ≥ ``threshold`` (original pixels) at the input image's ``size``, for drawing.
+
+    Masks are resized one at a time (nearest): a full-size float copy of them all would be large.
+    """
+    keep = torch.where(detection["scores"] >= threshold)[0]
+    height, width = (int(v) for v in original_size)
+    scale = torch.tensor([size[1] / width, size[0] / height] * 2)
+    shown = {"boxes": detection["boxes"][keep].cpu() * scale, "scores": detection["scores"][keep].cpu(),
+             "labels": detection["labels"][keep].cpu()}  # fmt: skip
+    if "masks" in detection:
+        masks = [F.interpolate(detection["masks"][i][None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
+                 for i in keep.tolist()]  # fmt: skip
+        shown["masks"] = torch.stack(masks).cpu() if masks else torch.zeros(0, *size, dtype=torch.bool)
+    return shown
 
 
 def gather_compute(metric: MeanAveragePrecision) -> dict:

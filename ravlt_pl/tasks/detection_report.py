@@ -55,12 +55,14 @@ def write_report(
     drawn: Sequence[tuple[Tensor, dict, dict]],
     names: Sequence[str],
     draw_threshold: float,
+    protocol: str = "",
 ) -> dict[str, Path]:
     """``detection_<stage>.{json,md}``, the COCO results and ``detection_<stage>_predictions.png``.
 
     Args:
         model: what was evaluated, e.g. ``"RAVLTMaskRCNN (ravlt_s)"``.
         weights: where its weights came from (:meth:`~.base.BaseTask.weights_source`).
+        protocol: how the images were run (one image per forward, ...).
         headline: the monitored metric's name and value.
         metrics: per IoU type (``bbox``/``segm``), COCO's 12 numbers by name (``AP``, ``AP50``, ...).
         per_category: per IoU type, AP per category present in the ground truth.
@@ -72,6 +74,7 @@ def write_report(
         "stage": stage,
         "model": model,
         "weights": weights,
+        "protocol": protocol,
         "units": "fractions in [0, 1], 4 decimals; -1 = no ground-truth objects of that size (COCOeval)",
         "headline": {"name": headline[0], "value": round(headline[1], 4)},
         "metrics": {iou: {k: round(v, 4) for k, v in values.items()} for iou, values in metrics.items()},
@@ -80,6 +83,7 @@ def write_report(
         "predictions": [p.name for p in write_results(out_dir, results, iou_types)],
     }
     md = f"# Detection report ({stage})\n\n{model}, weights: {weights}.\n\n"
+    md += f"Protocol: {protocol}.\n\n" if protocol else ""
     md += f"Headline {headline[0]} = {headline[1]:.4f}. Values are fractions in [0, 1] (COCOeval).\n\n"
     columns = list(next(iter(metrics.values())))
     md += reports.markdown_table(["type", *columns], [(iou, *map(_cell, metrics[iou].values())) for iou in iou_types])

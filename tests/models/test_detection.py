@@ -11,8 +11,10 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ravlt_pl.models.detection import (
     CascadeBoxPredictor, CascadeMaskRCNN, CascadeRoIHeads, PresizedTransform, RAVLTCascadeMaskRCNN, RAVLTMaskRCNN,
-    RAVLTRetinaNet, anchors, conv_fc_box_head, dummy_forward, ravlt_fpn, rescale_detections,
+    DeltaXYWHCoder, MmdetAnchorGenerator, MmdetRoIAlign, RAVLTRetinaNet, anchors, batched_nms, conv_fc_box_head,
+    dummy_forward, paste_masks, ravlt_fpn, rescale_detections,
 )  # fmt: skip
+from ravlt_pl.models.detection import rcnn_rules
 from tests.conftest import TINY
 
 SMALL_HEADS = dict(fpn_channels=16, representation_size=32, mask_channels=8)
@@ -156,7 +158,10 @@ def test_cascade_mask_rcnn_has_published_stage_settings():
     assert isinstance(model, CascadeMaskRCNN) and isinstance(heads, CascadeRoIHeads)
     assert [s.proposal_matcher.high_threshold for s in heads.stages] == [0.5, 0.6, 0.7]
     assert [s.proposal_matcher.low_threshold for s in heads.stages] == [0.5, 0.6, 0.7]
-    assert [s.box_coder.weights for s in heads.stages] == [(10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)]
+    # mmdet's target_stds (torchvision's weights are their inverses: 10/5, 20/10, 30.3/14.9)
+    assert [s.box_coder.stds for s in heads.stages] == [(0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1),
+                                                        (0.033, 0.033, 0.067, 0.067)]  # fmt: skip
+    assert all(isinstance(s.box_roi_pool, MmdetRoIAlign) for s in heads.stages)
     assert heads.stage_loss_weights == [1.0, 0.5, 0.25] and heads.box_loss_weight == 10.0
     assert len({id(s.mask_head) for s in heads.stages}) == 3  # a mask head per stage
     assert len({id(s.box_roi_pool) for s in heads.stages}) == 1  # one shared RoIAlign
@@ -200,7 +205,7 @@ def test_cascade_giou_loss_is_weighted_sum_over_sampled_rois():
     assert heads.giou_loss(pred[:1], gt[:1], 8) == 0
 
 
-def test_cascade_inference_averages_the_stages_class_scores():
+def test_cascade_inference_averages_the_stages_raw_logits():
     heads = _tiny_cascade(score_thresh=0.0).eval()
     stage_logits = torch.tensor([[0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     for stage, logits in zip(heads.stages, stage_logits):
@@ -211,7 +216,7 @@ def test_cascade_inference_averages_the_stages_class_scores():
     proposal = torch.tensor([[4.0, 4, 20, 20]])
     with torch.no_grad():
         (result,), _ = heads({"0": torch.rand(1, 8, 16, 16)}, [proposal], [(64, 64)])
-    expected = stage_logits.softmax(-1).mean(0)[1:]  # one candidate per object class
+    expected = stage_logits.mean(0).softmax(-1)[1:]  # mmdet: softmax of the mean logits; one candidate per class
     order = result["labels"].argsort()
     torch.testing.assert_close(result["scores"][order], expected)
     torch.testing.assert_close(result["boxes"], proposal.expand(3, 4))
@@ -256,3 +261,74 @@ def test_anchors_are_torchvisions_defaults_times_the_scale():
         assert anchors(0.5, octaves).sizes[0][0] == 16.0
     assert tiny("cascade_maskrcnn", anchor_scale=0.5).rpn.anchor_generator.sizes[0] == (16.0,)
     assert tiny("retinanet", anchor_scale=0.5).anchor_generator.sizes[0] == (16.0, 20.0, 25.0)
+
+
+# -- the authors' (mmdet) rules ----------------------------------------------------------------------
+def test_mmdet_anchors_use_the_configured_strides_and_float_corners():
+    generator = MmdetAnchorGenerator(scales=(8.0,))
+    torch.testing.assert_close(generator.cell_anchors[0][0], torch.tensor([-22.6274, -11.3137, 22.6274, 11.3137]))
+    # a 96×128 input: P6 is 2×2, whose stride torchvision would infer as 96 // 2 = 48 in y
+    maps = [torch.zeros(1, 1, 96 // s + (96 % s > 0), 128 // s) for s in (4, 8, 16, 32, 64)]
+    from torchvision.models.detection.image_list import ImageList
+    (anchors_,) = generator(ImageList(torch.zeros(1, 3, 96, 128), [(96, 128)]), maps)
+    p6 = anchors_[-12:].view(2, 2, 3, 4)
+    torch.testing.assert_close(p6[1, 1] - p6[0, 0], torch.full((3, 4), 64.0))
+
+
+def test_delta_coder_clamps_dw_dh_on_both_sides():
+    coder = DeltaXYWHCoder((1.0, 1.0, 1.0, 1.0))
+    box = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    shrunk = coder.decode_single(torch.tensor([[0.0, 0.0, -100.0, -100.0]]), box)
+    width = 10 * 16 / 1000  # mmdet: exp(-log(1000/16)); torchvision would give 10·e^-100
+    torch.testing.assert_close(shrunk, torch.tensor([[5 - width / 2, 5 - width / 2, 5 + width / 2, 5 + width / 2]]))
+
+
+def test_batched_nms_gives_the_same_above_mmcvs_split_size(monkeypatch):
+    boxes = torch.rand(300, 2) * 50
+    boxes = torch.cat([boxes, boxes + torch.rand(300, 2) * 20 + 1], 1)
+    scores, idxs = torch.rand(300), torch.randint(0, 4, (300,))
+    offsets = batched_nms(boxes, scores, idxs, 0.5)
+    monkeypatch.setattr(rcnn_rules, "NMS_SPLIT", 10)
+    torch.testing.assert_close(batched_nms(boxes, scores, idxs, 0.5), offsets)
+
+
+def test_roi_levels_follow_mmdet_and_align_is_aligned_adaptive():
+    pool = MmdetRoIAlign(["0", "1"], output_size=2, strides=[4, 8])
+    features = {"0": torch.rand(1, 1, 16, 16), "1": torch.rand(1, 1, 8, 8)}
+    boxes = [torch.tensor([[0.0, 0, 111, 111], [0, 0, 113, 113]])]  # sqrt(wh)/56 just under / over 2
+    out = pool(features, boxes)
+    from torchvision.ops import roi_align
+    rois = torch.cat([torch.zeros(2, 1), boxes[0]], 1)
+    torch.testing.assert_close(out[0], roi_align(features["0"], rois[:1], 2, 0.25, 0, True)[0])
+    torch.testing.assert_close(out[1], roi_align(features["1"], rois[1:], 2, 0.125, 0, True)[0])
+
+
+def test_paste_masks_samples_pixel_centres_in_the_float_box_and_stays_boolean():
+    probs = torch.ones(2, 28, 28)
+    masks = paste_masks(probs, torch.tensor([[2.0, 3.0, 6.0, 5.0], [0.0, 0.0, 0.0, 0.0]]), (8, 10))
+    assert masks.dtype == torch.bool and masks.shape == (2, 8, 10)
+    expected = torch.zeros(8, 10, dtype=torch.bool)
+    expected[3:5, 2:6] = True  # pixel centres inside [2, 6] × [3, 5]
+    assert torch.equal(masks[0], expected)
+    # a zero-size box: mmdet maps its infinite grid coordinates to 0 (the map's centre) in its ±1 px region
+    assert masks[1].nonzero().tolist() == [[0, 0]]
+
+
+def test_mask_rcnn_trains_with_the_authors_l1_box_losses():
+    model = tiny("maskrcnn").train()
+    assert isinstance(model.roi_heads, rcnn_rules.L1RoIHeads) and model.rpn.l1_box_loss
+    assert not tiny("cascade_maskrcnn").rpn.l1_box_loss  # the authors' cascade: smooth-L1 (β 1/9)
+    heads, features = model.roi_heads, {"0": torch.rand(1, 16, 16, 16), "1": torch.rand(1, 16, 8, 8),
+                                        "2": torch.rand(1, 16, 4, 4), "3": torch.rand(1, 16, 2, 2)}  # fmt: skip
+    proposals = [torch.tensor([[2.0, 2, 22, 22], [28, 8, 58, 44], [0, 0, 30, 30], [35, 5, 63, 30]])]
+    targets = [dict(_targets()[0], masks=torch.zeros(2, 64, 64, dtype=torch.uint8))]
+    torch.manual_seed(0)
+    _, losses = heads(features, proposals, [(64, 64)], targets)
+    torch.manual_seed(0)
+    sampled, _, labels, regression = heads.select_training_samples(proposals, targets)
+    _, deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, sampled, [(64, 64)])))
+    labels, regression = labels[0], regression[0]
+    pos = torch.where(labels > 0)[0]
+    expected = (deltas.view(len(deltas), -1, 4)[pos, labels[pos]] - regression[pos]).abs().sum() / len(labels)
+    torch.testing.assert_close(losses["loss_box_reg"], expected)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask"}

@@ -214,6 +214,7 @@ def test_validate_writes_report_and_coco_results(coco_root, tmp_path):
     md = (out / "detection_val.md").read_text()
     assert md.startswith("# Detection report (val)\n\nRAVLTMaskRCNN (ravlt_t), weights: the weights the config builds")
     assert report["weights"].startswith("the weights the config builds")
+    assert report["protocol"].startswith("one image per forward") and "Protocol: one image per forward" in md
     assert (out / "detection_val_predictions.png").stat().st_size > 0
     gt = COCO(str(coco_root / "annotations" / "instances_val2017.json"))
     for iou in ("bbox", "segm"):
@@ -313,3 +314,87 @@ def test_a_new_detector_is_one_class_named_by_class_path(coco_root, tmp_path):
     assert isinstance(cli.model.model, RAVLTFasterRCNN)
     report = json.loads((tmp_path / "reports" / "fit" / "detection_val.json").read_text())
     assert set(report["metrics"]) == {"bbox"}
+
+
+# -- the authors' released detectors, whole ---------------------------------------------------------
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "official_full" / "official_full_mask_rcnn.pt"
+# the widths of the fixture's Mask R-CNN (tiny backbone, FPN 16, fc 32, mask convs 16)
+FIXTURE_DETECTOR = partial(
+    RAVLTMaskRCNN, variant="ravlt_t", fpn_channels=16, representation_size=32, mask_channels=16,
+    backbone_overrides=dict(embed_dims=[8, 16, 24, 32], depths=[1, 1, 2, 1], num_heads=[1, 2, 3, 4], projection=256),
+)  # fmt: skip
+
+
+@pytest.fixture
+def released_file(tmp_path, monkeypatch) -> tuple[Path, dict]:
+    """The fixture's authors'-format Mask R-CNN as a released file ({"state_dict": ...}) and the fixture."""
+    from ravlt_pl.models import released
+    from ravlt_pl.models.detection.released_rcnn import FAMILIES
+
+    monkeypatch.setattr(released, "_families", lambda: FAMILIES)  # the other families live on other branches
+    fx = torch.load(FIXTURE, weights_only=True)
+    path = tmp_path / "maskrcnn_t_1x_12_epoch.pth"
+    torch.save({"state_dict": fx["state_dict"], "meta": {"epoch": 12}}, path)
+    return path, fx
+
+
+def _resized_images(fx) -> list[torch.Tensor]:
+    """The resized uint8 images the fixture's pipeline built (recoverable from its normalised batch)."""
+    mean, std = torch.tensor(fx["inputs"]["mean"])[:, None, None], torch.tensor(fx["inputs"]["std"])[:, None, None]
+    out = []
+    for image, meta in zip(fx["inputs"]["batch"], fx["inputs"]["img_metas"]):
+        h, w = meta["img_shape"][:2]
+        out.append((image[:, :h, :w] * std + mean).round().clamp(0, 255).to(torch.uint8))
+    return out
+
+
+def test_a_released_detector_loads_whole_and_detects_as_the_authors_alone(released_file, caplog):
+    path, fx = released_file
+    with caplog.at_level("INFO", logger="ravlt_pl.tasks.base"):
+        task = DetectionTask(FIXTURE_DETECTOR, num_classes=80, pretrained=str(path)).eval()
+    assert task.released_source == str(path)
+    assert "the whole RAVLTMaskRCNN" in caplog.text and "RoI heads" in caplog.text and "FPN" in caplog.text
+    expected = fx["state_dict"]["rpn_head.rpn_cls.weight"]
+    assert torch.equal(task.model.rpn.head.cls_logits.weight, expected)
+    originals = [tuple(m["ori_shape"][:2]) for m in fx["inputs"]["img_metas"]]
+    with torch.no_grad():
+        both = task.detect(_resized_images(fx), originals)
+    for ours, alone, size in zip(both, fx["outputs"]["single_image"], originals):  # one image per forward
+        assert torch.equal(ours["labels"], alone["det_labels"])
+        torch.testing.assert_close(ours["boxes"], alone["det_bboxes"], rtol=0, atol=1e-3)
+        torch.testing.assert_close(ours["scores"], alone["det_scores"], rtol=0, atol=1e-4)
+        assert ours["masks"].shape == (len(ours["boxes"]), *size) and ours["masks"].dtype == torch.bool
+
+
+def test_pretrained_parts_backbone_loads_the_backbone_only(released_file):
+    path, fx = released_file
+    torch.manual_seed(0)
+    task = DetectionTask(FIXTURE_DETECTOR, num_classes=3, pretrained=str(path), pretrained_parts="backbone")
+    assert task.released_source is None
+    torch.testing.assert_close(task.model.backbone.body.patch_embed.proj[0].weight,
+                               fx["state_dict"]["backbone.patch_embed.proj.0.weight"])  # fmt: skip
+    assert task.model.roi_heads.box_predictor.cls_score.out_features == 4  # 3 classes: fine-tuning on others
+
+
+def test_a_released_detector_of_another_class_count_fails_naming_key_and_shapes(released_file):
+    path, _ = released_file
+    with pytest.raises(Exception, match=r"cls_score\.weight has shape \(81, 32\) in the checkpoint but \(6, 32\)"):
+        DetectionTask(FIXTURE_DETECTOR, num_classes=5, pretrained=str(path))
+
+
+def test_pretrained_parts_all_refuses_a_backbone_only_file(tmp_path):
+    path = tmp_path / "backbone.pth"
+    torch.save({"state_dict": {"backbone.patch_embed.proj.0.weight": torch.zeros(1)}}, path)
+    with pytest.raises(ValueError, match="pretrained_parts=all: .*backbone.pth is no released detector"):
+        DetectionTask(FIXTURE_DETECTOR, num_classes=80, pretrained=str(path), pretrained_parts="all")
+
+
+def test_evaluation_does_not_depend_on_the_batch(released_file):
+    path, fx = released_file
+    task = DetectionTask(FIXTURE_DETECTOR, num_classes=80, pretrained=str(path)).eval()
+    images, originals = _resized_images(fx), [tuple(m["ori_shape"][:2]) for m in fx["inputs"]["img_metas"]]
+    with torch.no_grad():
+        together = task.detect(images, originals)
+        apart = [task.detect([image], [size])[0] for image, size in zip(images, originals)]
+    for a, b in zip(together, apart):
+        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels", "masks"))

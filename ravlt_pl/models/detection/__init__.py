@@ -2,6 +2,7 @@
 
 from .backbone import RAVLTWithFPN, ravlt_fpn
 from .cascade import CascadeBoxPredictor, CascadeMaskRCNN, CascadeRoIHeads, conv_fc_box_head
+from .rcnn_rules import DeltaXYWHCoder, MmdetAnchorGenerator, MmdetRoIAlign, MmdetRPN, batched_nms, paste_masks
 from .detectors import (
     PresizedTransform, RAVLTCascadeMaskRCNN, RAVLTMaskRCNN, RAVLTRetinaNet, anchors, dummy_forward, rescale_detections,
 )  # fmt: skip
@@ -9,5 +10,6 @@ from .detectors import (
 __all__ = [
     "RAVLTWithFPN", "ravlt_fpn", "CascadeBoxPredictor", "CascadeMaskRCNN", "CascadeRoIHeads", "conv_fc_box_head",
     "PresizedTransform", "RAVLTRetinaNet", "RAVLTMaskRCNN", "RAVLTCascadeMaskRCNN", "anchors", "dummy_forward",
-    "rescale_detections",
+    "rescale_detections", "DeltaXYWHCoder", "MmdetAnchorGenerator", "MmdetRoIAlign", "MmdetRPN", "batched_nms",
+    "paste_masks",
 ]  # fmt: skip

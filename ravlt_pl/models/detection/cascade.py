@@ -4,7 +4,7 @@ torchvision ships Faster/Mask R-CNN but no cascade. This module adds only what i
 of box stages, each trained on the refined boxes of the one before it with a stricter IoU threshold.
 Every stage is a torchvision :class:`~torchvision.models.detection.roi_heads.RoIHeads`, so matching
 (``Matcher``), sampling (``BalancedPositiveNegativeSampler``), box coding (``BoxCoder``), RoIAlign
-(``MultiScaleRoIAlign``), the mask head and the mask loss/inference are torchvision's own code.
+(mmdet's, :class:`.rcnn_rules.MmdetRoIAlign`), the mask head and the mask loss/inference are torchvision's own code.
 
 The published RAVLT configs (mmdet ``cascade_mask_rcnn`` 3x, Swin-style) fix the shape:
 
@@ -26,17 +26,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, _default_anchorgen
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference, maskrcnn_loss
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops, generalized_box_iou_loss
+from torchvision.ops import boxes as box_ops, generalized_box_iou_loss
+
+from .rcnn_rules import (
+    DeltaXYWHCoder, MmdetAnchorGenerator, MmdetRoIAlign, MmdetRPN, add_masks, class_detections, scale_factor,
+)  # fmt: skip
 
 STAGE_IOUS = (0.5, 0.6, 0.7)
 STAGE_LOSS_WEIGHTS = (1.0, 0.5, 0.25)
-STAGE_BOX_WEIGHTS = ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
+#: mmdet's ``target_stds`` per stage (torchvision weights 1/std: 10/5, 20/10, 30.3/14.9)
+STAGE_BOX_STDS = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
 
 
 class CascadeBoxPredictor(FastRCNNPredictor):
@@ -65,15 +70,15 @@ class CascadeRoIHeads(nn.Module):
 
     def __init__(
         self,
-        box_roi_pool: MultiScaleRoIAlign,
+        box_roi_pool: nn.Module,
         box_heads: Sequence[nn.Module],
         box_predictors: Sequence[nn.Module],
-        mask_roi_pool: MultiScaleRoIAlign | None = None,
+        mask_roi_pool: nn.Module | None = None,
         mask_heads: Sequence[nn.Module] | None = None,
         mask_predictors: Sequence[nn.Module] | None = None,
         iou_thresholds: Sequence[float] = STAGE_IOUS,
         stage_loss_weights: Sequence[float] = STAGE_LOSS_WEIGHTS,
-        bbox_reg_weights: Sequence[Sequence[float]] = STAGE_BOX_WEIGHTS,
+        bbox_reg_stds: Sequence[Sequence[float]] = STAGE_BOX_STDS,
         box_loss_weight: float = 10.0,
         batch_size_per_image: int = 512,
         positive_fraction: float = 0.25,
@@ -83,7 +88,7 @@ class CascadeRoIHeads(nn.Module):
     ) -> None:
         super().__init__()
         n = len(box_heads)
-        per_stage = [box_predictors, iou_thresholds, stage_loss_weights, bbox_reg_weights]
+        per_stage = [box_predictors, iou_thresholds, stage_loss_weights, bbox_reg_stds]
         per_stage += [mask_heads, mask_predictors] if mask_roi_pool is not None else []
         if any(len(v) != n for v in per_stage):
             raise ValueError(f"every per-stage argument needs {n} entries (one per box head)")
@@ -92,13 +97,15 @@ class CascadeRoIHeads(nn.Module):
                 box_roi_pool, box_heads[i], box_predictors[i],
                 fg_iou_thresh=iou_thresholds[i], bg_iou_thresh=iou_thresholds[i],  # no ignore band, as mmdet
                 batch_size_per_image=batch_size_per_image, positive_fraction=positive_fraction,
-                bbox_reg_weights=tuple(bbox_reg_weights[i]), score_thresh=score_thresh, nms_thresh=nms_thresh,
+                bbox_reg_weights=None, score_thresh=score_thresh, nms_thresh=nms_thresh,
                 detections_per_img=detections_per_img, mask_roi_pool=mask_roi_pool,
                 mask_head=mask_heads[i] if mask_roi_pool is not None else None,
                 mask_predictor=mask_predictors[i] if mask_roi_pool is not None else None,
             )
             for i in range(n)
         )  # fmt: skip
+        for stage, stds in zip(self.stages, bbox_reg_stds):
+            stage.box_coder = DeltaXYWHCoder(stds)
         self.stage_loss_weights = list(stage_loss_weights)
         self.box_loss_weight = box_loss_weight
         self.score_thresh, self.nms_thresh, self.detections_per_img = score_thresh, nms_thresh, detections_per_img
@@ -186,15 +193,42 @@ class CascadeRoIHeads(nn.Module):
         )  # fmt: skip
 
     # -- inference ---------------------------------------------------------------------------------
-    def detect(self, features, proposals, image_shapes) -> list[dict[str, Tensor]]:
+    def box_stages(self, features, proposals, image_shapes) -> tuple[Tensor, Tensor]:
+        """mmdet's cascade test: the stages' mean raw logits (N, K+1) and the last stage's boxes (N, K+1, 4).
+
+        Each stage runs on the previous stage's boxes regressed with the deltas of its arg-max
+        foreground class, clipped to the image (one-to-one with the RoIs: nothing dropped).
+        """
         counts = [len(p) for p in proposals]
-        probs = 0.0
+        stage_logits = []
         for i, stage in enumerate(self.stages):
             logits, boxes = self.box_forward(stage, features, proposals, image_shapes)
-            probs = probs + F.softmax(logits, -1) / len(self.stages)  # the stages' class scores, averaged
-            if i + 1 < len(self.stages):  # one-to-one with the RoIs (the scores are per RoI): nothing dropped
+            stage_logits.append(logits)
+            if i + 1 < len(self.stages):
                 refined = self.pick(boxes, logits[:, 1:].argmax(1) + 1)
                 proposals = self.refine(refined, counts, image_shapes, drop_empty=False)
+        return sum(stage_logits) / float(len(stage_logits)), boxes
+
+    def predict(self, features, proposals, image_sizes, original_sizes) -> list[dict[str, Tensor]]:
+        """Detections at the original sizes by the authors' rules (:func:`.rcnn_rules.class_detections`,
+        masks averaged over the stages' heads and pasted by :func:`.rcnn_rules.add_masks`)."""
+        logits, boxes = self.box_stages(features, proposals, image_sizes)
+        factors = [scale_factor(s, o, logits.device) for s, o in zip(image_sizes, original_sizes)]
+        counts = [len(p) for p in proposals]
+        results = [
+            class_detections(F.softmax(lg, -1), b, s, f, self.score_thresh, self.nms_thresh, self.detections_per_img)
+            for lg, b, s, f in zip(logits.split(counts), boxes.split(counts), image_sizes, factors)
+        ]  # fmt: skip
+        if self.has_mask():
+            add_masks(results, features, self.stages[0].mask_roi_pool,
+                      [(s.mask_head, s.mask_predictor) for s in self.stages], image_sizes, factors, original_sizes)
+        return results
+
+    def detect(self, features, proposals, image_shapes) -> list[dict[str, Tensor]]:
+        """torchvision-style detections at input scale (``forward`` in eval mode); the task uses :meth:`predict`."""
+        counts = [len(p) for p in proposals]
+        logits, boxes = self.box_stages(features, proposals, image_shapes)
+        probs = F.softmax(logits, -1)
         results = [
             self.postprocess(p, b, shape) for p, b, shape in zip(probs.split(counts), boxes.split(counts), image_shapes)
         ]
@@ -234,6 +268,7 @@ class CascadeMaskRCNN(GeneralizedRCNN):
         transform: image normalisation/batching (and resizing, for torchvision's own transform).
         representation_size: width of each stage's fc layer (1024 published).
         mask_channels: width of each stage's 4-conv mask head (256 published).
+        box_conv_channels: width of each stage's 4 box-head convs (256 published).
         class_agnostic: one regressed box per RoI instead of one per class (published: per class).
         anchor_generator: RPN anchors (torchvision's Faster/Mask R-CNN default when ``None``).
         The remaining arguments are torchvision's ``MaskRCNN`` arguments of the same names.
@@ -246,6 +281,7 @@ class CascadeMaskRCNN(GeneralizedRCNN):
         transform: GeneralizedRCNNTransform,
         representation_size: int = 1024,
         mask_channels: int = 256,
+        box_conv_channels: int = 256,
         class_agnostic: bool = False,
         anchor_generator: AnchorGenerator | None = None,
         rpn_pre_nms_top_n_train: int = 2000,
@@ -261,8 +297,8 @@ class CascadeMaskRCNN(GeneralizedRCNN):
         num_stages: int = 3,
     ) -> None:
         channels = backbone.out_channels
-        anchors = anchor_generator or _default_anchorgen()
-        rpn = RegionProposalNetwork(
+        anchors = anchor_generator or MmdetAnchorGenerator()
+        rpn = MmdetRPN(
             anchors, RPNHead(channels, anchors.num_anchors_per_location()[0]),
             fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=rpn_batch_size_per_image, positive_fraction=0.5,
             pre_nms_top_n=dict(training=rpn_pre_nms_top_n_train, testing=rpn_pre_nms_top_n_test),
@@ -271,15 +307,15 @@ class CascadeMaskRCNN(GeneralizedRCNN):
         )  # fmt: skip
         levels = ["0", "1", "2", "3"]
         roi_heads = CascadeRoIHeads(
-            MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=2),
-            [conv_fc_box_head(channels, conv_channels=channels, representation_size=representation_size)
+            MmdetRoIAlign(levels, output_size=7),
+            [conv_fc_box_head(channels, conv_channels=box_conv_channels, representation_size=representation_size)
              for _ in range(num_stages)],
             [CascadeBoxPredictor(representation_size, num_classes, class_agnostic) for _ in range(num_stages)],
-            MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=2),
+            MmdetRoIAlign(levels, output_size=14),
             [MaskRCNNHeads(channels, [mask_channels] * 4, dilation=1) for _ in range(num_stages)],
             [MaskRCNNPredictor(mask_channels, mask_channels, num_classes) for _ in range(num_stages)],
             iou_thresholds=STAGE_IOUS[:num_stages], stage_loss_weights=STAGE_LOSS_WEIGHTS[:num_stages],
-            bbox_reg_weights=STAGE_BOX_WEIGHTS[:num_stages], batch_size_per_image=box_batch_size_per_image,
+            bbox_reg_stds=STAGE_BOX_STDS[:num_stages], batch_size_per_image=box_batch_size_per_image,
             score_thresh=box_score_thresh, nms_thresh=box_nms_thresh, detections_per_img=box_detections_per_img,
         )  # fmt: skip
         super().__init__(backbone, rpn, roi_heads, transform)

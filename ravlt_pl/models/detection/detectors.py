@@ -13,8 +13,9 @@ with the two attributes the task reads:
 
 ``num_classes`` counts object classes only, without background. Images arrive already resized by
 the data pipeline (the published recipes resize, flip and crop there), so every detector's
-transform only normalises and pads (:class:`PresizedTransform`); :func:`rescale_detections` maps
-outputs back to the original image sizes.
+transform only normalises and pads (:class:`PresizedTransform`). The R-CNNs' ``predict_preprocessed``
+returns detections at the original sizes by the authors' rules; for the torchvision forward,
+:func:`rescale_detections` maps outputs back to the original image sizes.
 """
 
 from __future__ import annotations
@@ -27,10 +28,18 @@ from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
 from .backbone import ravlt_fpn
 from .cascade import CascadeMaskRCNN, CascadeRoIHeads
+from .rcnn_rules import (
+    DeltaXYWHCoder, L1RoIHeads, MmdetAnchorGenerator, MmdetRoIAlign, MmdetRPN, add_masks, class_detections,
+    scale_factor,
+)  # fmt: skip
+
+#: mmdet's ``target_stds`` of the Mask R-CNN box head (torchvision's weights 10, 10, 5, 5)
+BOX_STDS = (0.1, 0.1, 0.2, 0.2)
 
 
 class PresizedTransform(GeneralizedRCNNTransform):
@@ -89,7 +98,10 @@ class RAVLTRetinaNet(RetinaNet):
 
 
 class RAVLTMaskRCNN(MaskRCNN):
-    """Mask R-CNN on RAVLT: FPN on C2–C5 with a P6 max-pool, torchvision's RPN, 2-fc box head, 4-conv mask head.
+    """Mask R-CNN on RAVLT: FPN on C2–C5 with a P6 max-pool, RPN, 2-fc box head, 4-conv mask head.
+
+    torchvision's modules with the authors' (mmdet) anchors, box coding, RoIAlign and L1 box losses
+    (:mod:`.rcnn_rules`); :meth:`predict_preprocessed` is the authors' test path, which the task evaluates.
 
     Args:
         num_classes: object classes, without the background (label 0 in torchvision's R-CNNs).
@@ -128,14 +140,47 @@ class RAVLTMaskRCNN(MaskRCNN):
             box_predictor=FastRCNNPredictor(representation_size, classes),
             mask_head=MaskRCNNHeads(fpn_channels, [mask_channels] * 4, dilation=1),
             mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, classes),
-            rpn_anchor_generator=anchors(anchor_scale),
             rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
             # torchvision's transform arguments, named so that they are no config arguments: PresizedTransform replaces it
             min_size=0, max_size=0, image_mean=None, image_std=None, size_divisible=32, fixed_size=None,
             **kwargs,
         )  # fmt: skip
+        self.rpn = MmdetRPN.like(self.rpn, MmdetAnchorGenerator(scales=(8.0 * anchor_scale,)), l1_box_loss=True)
+        self.roi_heads.__class__ = L1RoIHeads  # same state, the authors' L1 box loss (torchvision builds RoIHeads)
+        self.roi_heads.box_coder = DeltaXYWHCoder(BOX_STDS)
+        # after construction: torchvision's constructor accepts MultiScaleRoIAlign only
+        self.roi_heads.box_roi_pool = MmdetRoIAlign(output_size=7)
+        self.roi_heads.mask_roi_pool = MmdetRoIAlign(output_size=14)
         self.transform = PresizedTransform()
         self.variant = variant
+
+    def predict_preprocessed(self, batch: Tensor, image_sizes, original_sizes) -> list[dict[str, Tensor]]:
+        """The authors' test path (mmdet ``simple_test``, ``rescale=True``) on a normalised, padded batch.
+
+        ``batch`` (B, 3, H, W) as mmdet's pipeline builds it, ``image_sizes`` [(h, w)] after the resize,
+        ``original_sizes`` [(h, w)]. Per image ``boxes`` (xyxy, original pixels), ``scores``, ``labels``
+        (0-based), ``masks`` (N, H, W) bool at the original size.
+        """
+        image_sizes = [tuple(int(v) for v in s) for s in image_sizes]
+        features = self.backbone(batch)
+        proposals, _ = self.rpn(ImageList(batch, image_sizes), features)
+        heads = self.roi_heads
+        logits, deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, proposals, image_sizes)))
+        # mmdet zeroes the outputs of every RoI with y2 == 0 (meant for its batch padding: no detection)
+        empty = torch.cat(proposals)[:, 3:4] == 0
+        logits, deltas = logits.masked_fill(empty, 0), deltas.masked_fill(empty, 0)
+        boxes = heads.box_coder.decode(deltas, proposals)  # (N, K+1, 4) at input scale
+        factors = [scale_factor(s, o, batch.device) for s, o in zip(image_sizes, original_sizes)]
+        counts = [len(p) for p in proposals]
+        results = [
+            class_detections(F.softmax(lg, -1), b, size, f, heads.score_thresh, heads.nms_thresh,
+                             heads.detections_per_img)
+            for lg, b, size, f in zip(logits.split(counts), boxes.split(counts), image_sizes, factors)
+        ]  # fmt: skip
+        if heads.has_mask():
+            add_masks(results, features, heads.mask_roi_pool, [(heads.mask_head, heads.mask_predictor)],
+                      image_sizes, factors, original_sizes)  # fmt: skip
+        return results
 
 
 class RAVLTCascadeMaskRCNN(CascadeMaskRCNN):
@@ -147,6 +192,7 @@ class RAVLTCascadeMaskRCNN(CascadeMaskRCNN):
         fpn_channels: FPN width (256 published).
         representation_size: width of each stage's fc layer (1024 published).
         mask_channels: width of each stage's mask head (256 published).
+        box_conv_channels: width of each stage's four box-head convs (256 published).
         anchor_scale: multiplies every anchor size (1 published).
         kwargs: further arguments of :class:`CascadeMaskRCNN` (``rpn_post_nms_top_n_train``: 2000
             proposals per image in training, as the published config; ``class_agnostic``, ...).
@@ -164,13 +210,22 @@ class RAVLTCascadeMaskRCNN(CascadeMaskRCNN):
         fpn_channels: int = 256,
         representation_size: int = 1024,
         mask_channels: int = 256,
+        box_conv_channels: int = 256,
         anchor_scale: float = 1.0,
         **kwargs,
     ) -> None:
         backbone = ravlt_fpn(variant, backbone_overrides, (0, 1, 2, 3), fpn_channels, "maxpool", drop_path_rate)
         super().__init__(backbone, num_classes + 1, PresizedTransform(), representation_size, mask_channels,
-                         anchor_generator=anchors(anchor_scale), **kwargs)  # fmt: skip
+                         box_conv_channels=box_conv_channels,
+                         anchor_generator=MmdetAnchorGenerator(scales=(8.0 * anchor_scale,)), **kwargs)  # fmt: skip
         self.variant = variant
+
+    def predict_preprocessed(self, batch: Tensor, image_sizes, original_sizes) -> list[dict[str, Tensor]]:
+        """The authors' cascade test path on a normalised, padded batch (as ``RAVLTMaskRCNN.predict_preprocessed``)."""
+        image_sizes = [tuple(int(v) for v in s) for s in image_sizes]
+        features = self.backbone(batch)
+        proposals, _ = self.rpn(ImageList(batch, image_sizes), features)
+        return self.roi_heads.predict(features, proposals, image_sizes, original_sizes)
 
 
 def anchors(scale: float = 1.0, octaves: int = 1) -> AnchorGenerator:
