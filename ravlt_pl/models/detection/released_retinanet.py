@@ -28,7 +28,7 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..released import ReleasedFamily, backbone_tensors, infer_backbone
-from ..variants import VARIANTS
+from ..variants import variant_of
 from .retinanet import RAVLTRetinaNet
 
 NECK_AND_HEAD = [
@@ -49,15 +49,6 @@ def matches(state: Mapping[str, torch.Tensor]) -> bool:
     return "bbox_head.retina_cls.weight" in state
 
 
-def variant_of(backbone: dict) -> str | None:
-    """The published variant with these widths and depths, ``None`` for another shape."""
-    return next(
-        (name for name, spec in VARIANTS.items()
-         if spec["embed_dims"] == backbone["embed_dims"] and spec["depths"] == backbone["depths"]),
-        None,
-    )  # fmt: skip
-
-
 def head_sizes(state: Mapping[str, torch.Tensor]) -> dict:
     """FPN width, tower width and depth, anchors per location and class count from the head's shapes."""
     cls = state["bbox_head.retina_cls.weight"]  # (A·K, feat, 3, 3)
@@ -76,7 +67,8 @@ def build(state: Mapping[str, torch.Tensor]) -> RAVLTRetinaNet:
     """Our RetinaNet with the backbone, FPN, head widths and class count the tensors imply."""
     backbone = infer_backbone(state)
     backbone.pop("out_indices")  # the detector picks its stages (C3–C5)
-    variant = variant_of(backbone) or "ravlt_t"  # another shape: every size comes from the overrides
+    # another shape than a published variant: every size comes from the overrides
+    variant = variant_of(backbone["embed_dims"], backbone["depths"]) or "ravlt_t"
     sizes = head_sizes(state)
     return RAVLTRetinaNet(sizes.pop("num_classes"), variant, backbone_overrides=backbone, **sizes)
 

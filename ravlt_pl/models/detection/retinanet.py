@@ -58,7 +58,8 @@ class MMDetAnchorGenerator(AnchorGenerator):
         super().__init__(sizes=((1.0,),) * len(strides), aspect_ratios=((1.0,),) * len(strides))
         self.strides = tuple(strides)
         # float64 octave scales cast to float32, as mmdet builds them
-        self.scales = [float(np.float32(octave_base_scale * 2 ** (i / scales_per_octave))) for i in range(scales_per_octave)]
+        octaves = [octave_base_scale * 2 ** (i / scales_per_octave) for i in range(scales_per_octave)]
+        self.scales = [float(np.float32(s)) for s in octaves]
         self.ratios = [float(r) for r in ratios]
         self.cell_anchors = []  # built per call on the features' device (see base_anchors)
 
@@ -215,7 +216,7 @@ class RAVLTRetinaNet(RetinaNet):
         head = retina_head(fpn_channels, num_anchors, num_classes, feat_channels or fpn_channels, stacked_convs)
         super().__init__(
             backbone, num_classes, anchor_generator=anchor_generator, head=head, detections_per_img=detections_per_img,
-            # torchvision's transform arguments, named so that they are no config arguments: PresizedTransform replaces it
+            # torchvision's transform arguments, named so that they are no config arguments; replaced below
             min_size=0, max_size=0, image_mean=None, image_std=None, size_divisible=32, fixed_size=None,
             **kwargs,
         )  # fmt: skip
