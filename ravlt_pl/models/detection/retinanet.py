@@ -55,13 +55,14 @@ class MMDetAnchorGenerator(AnchorGenerator):
         scales_per_octave: int = 3,
         ratios: Sequence[float] = (0.5, 1.0, 2.0),
     ) -> None:
-        super().__init__(sizes=((1.0,),) * len(strides), aspect_ratios=((1.0,),) * len(strides))
-        self.strides = tuple(strides)
         # float64 octave scales cast to float32, as mmdet builds them
         octaves = [octave_base_scale * 2 ** (i / scales_per_octave) for i in range(scales_per_octave)]
         self.scales = [float(np.float32(s)) for s in octaves]
         self.ratios = [float(r) for r in ratios]
-        self.cell_anchors = []  # built per call on the features' device (see base_anchors)
+        sizes = tuple(tuple(stride * s for s in self.scales) for stride in strides)  # 32, 40.32, 50.80 on P3
+        super().__init__(sizes, aspect_ratios=(tuple(self.ratios),) * len(strides))
+        self.strides = tuple(strides)
+        self.cell_anchors = []  # torchvision's rounded ones are not used: see base_anchors
 
     def num_anchors_per_location(self) -> list[int]:
         return [len(self.scales) * len(self.ratios)] * len(self.strides)
@@ -130,11 +131,13 @@ def decode_boxes(deltas: Tensor, anchors: Tensor, image_size: tuple[int, int]) -
 def batched_nms_mmcv(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:
     """mmcv 1.x ``batched_nms``: kept indices by descending score, classes kept apart by coordinate offsets.
 
-    torchvision's ``batched_nms`` switches to its per-class loop at another size (4000 boxes on CPU);
-    from :data:`NMS_SPLIT_THRESHOLD` candidates on mmcv loops over the classes of the offset boxes.
+    Boxes of different classes are shifted apart by more than the largest coordinate, so one NMS call
+    gives per-class NMS. From :data:`NMS_SPLIT_THRESHOLD` candidates on, mmcv runs one call per class
+    instead (faster; the same boxes kept); so does this function, except while being exported.
     """
-    offset_boxes = boxes + (labels.to(boxes) * (boxes.max() + 1))[:, None]
-    if len(boxes) < NMS_SPLIT_THRESHOLD:
+    largest = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()  # coordinates are clipped to >= 0
+    offset_boxes = boxes + (labels.to(boxes) * (largest + 1))[:, None]
+    if torch.compiler.is_exporting() or len(boxes) < NMS_SPLIT_THRESHOLD:
         return nms(offset_boxes, scores, iou_threshold)
     kept = torch.zeros_like(scores, dtype=torch.bool)
     for label in torch.unique(labels):
@@ -172,7 +175,7 @@ def mmdet_detections(
     box = box / box.new_tensor([w_scale, h_scale, w_scale, h_scale])
     candidate, label = (score > score_thresh).nonzero(as_tuple=True)  # (anchor, class) pairs, anchor-major
     box, score = box[candidate], score[candidate, label]
-    keep = batched_nms_mmcv(box, score, label, nms_thresh)[:max_per_img] if len(box) else label[:0]
+    keep = batched_nms_mmcv(box, score, label, nms_thresh)[:max_per_img]
     return {"boxes": box[keep], "scores": score[keep], "labels": label[keep]}
 
 
@@ -227,13 +230,14 @@ class RAVLTRetinaNet(RetinaNet):
         self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]], image_shapes: list[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
         """The authors' rule at the input scale (the task maps the boxes to the original images)."""
+        logits, deltas = head_outputs["cls_logits"], head_outputs["bbox_regression"]
         return [
-            self._detect([c[i] for c in head_outputs["cls_logits"]], [r[i] for r in head_outputs["bbox_regression"]],
-                         anchors[i], image_shapes[i])
+            self.detect_image([c[i] for c in logits], [r[i] for r in deltas], anchors[i], image_shapes[i])
             for i in range(len(image_shapes))
-        ]  # fmt: skip
+        ]
 
-    def _detect(self, logits, deltas, anchors, image_size, scale_factor=(1.0, 1.0)) -> dict[str, Tensor]:
+    def detect_image(self, logits, deltas, anchors, image_size, scale_factor=(1.0, 1.0)) -> dict[str, Tensor]:
+        """One image's detections from its per-level head outputs (the authors' rule, this model's thresholds)."""
         return mmdet_detections(logits, deltas, anchors, image_size, scale_factor, self.topk_candidates,
                                 self.score_thresh, self.nms_thresh, self.detections_per_img)  # fmt: skip
 
@@ -264,5 +268,5 @@ class RAVLTRetinaNet(RetinaNet):
         for i, ((h, w), (height, width)) in enumerate(zip(image_sizes, original_sizes)):
             scale = (w / width, h / height)
             logits, deltas = [c[i] for c in outputs["cls_logits"]], [r[i] for r in outputs["bbox_regression"]]
-            detections.append(self._detect(logits, deltas, anchors, (h, w), scale))
+            detections.append(self.detect_image(logits, deltas, anchors, (h, w), scale))
         return detections
