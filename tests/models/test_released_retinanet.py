@@ -78,6 +78,16 @@ def test_the_fixture_builds_the_authors_sizes(model):
     assert len(head.conv) == 4 and head.cls_logits.in_channels == 8  # feat_channels 8 < FPN 16
 
 
+def test_from_released_recognises_a_retinanet_among_all_families(fixture):
+    # the registry imports every family's module; they come from other branches of this work
+    pytest.importorskip("ravlt_pl.models.detection.released_rcnn")
+    pytest.importorskip("ravlt_pl.models.segmentation.released")
+    from ravlt_pl.models.released import from_released
+
+    model = from_released({"state_dict": fixture["state_dict"]})
+    assert isinstance(model, RAVLTRetinaNet) and not model.training
+
+
 def test_neck_p3_to_p7_matches(fixture, ours):
     assert len(ours["neck"]) == 5
     for got, expected in zip(ours["neck"], fixture["outputs"]["neck"]):
