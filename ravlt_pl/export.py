@@ -9,8 +9,8 @@ Exports the network a config builds, as ONNX (``torch.onnx.export(..., dynamo=Tr
 * RetinaNet: the whole detector (backbone, FPN, head, anchors, box decoding, the authors' candidate
   selection and NMS), images ``(1, 3, H, W)`` → the first ``detections_per_img`` (100) detections,
   zero-padded: boxes ``(1, 100, 4)`` in input pixels, scores ``(1, 100)``, labels ``(1, 100)`` (−1: none).
-  Static input only (``--static``): the candidate selection is specialised to the input size. The
-  graph holds one non-ATen operator, ``torchvision::nms``: a ``.pt2`` needs ``import torchvision``
+  One image per call; height and width dynamic from 160 (:data:`DETECTOR_LEAST`) or fixed (``--static``).
+  The graph holds one non-ATen operator, ``torchvision::nms``: a ``.pt2`` needs ``import torchvision``
   where it is loaded; the ONNX model maps it onto ONNX ``NonMaxSuppression``;
 * other detectors: the backbone with its FPN, images → the FPN maps (``"0"``, ``"1"``, ... and the
   extra levels), in torchvision's order. The RPN, RoI heads and NMS stay in Python.
@@ -54,6 +54,9 @@ ExportFormat = Literal["onnx", "pt2"]
 FORMATS: tuple[ExportFormat, ...] = ("onnx", "pt2")
 #: Height and width of every RAVLT input are multiples of the last stage's stride.
 STRIDE = 32
+#: Smallest dynamic height / width of a whole RetinaNet: P7 (stride 128) of at least 2 × 2, else the
+#: traced graph is specialised to a one-cell level.
+DETECTOR_LEAST = 5 * STRIDE
 
 
 class ExportError(RuntimeError):
@@ -99,7 +102,7 @@ def exportable(network: nn.Module) -> tuple[nn.Module, str]:
     if isinstance(network, RAVLTRetinaNet):
         count = network.detections_per_img
         return WholeRetinaNet(network), (
-            f"whole RetinaNet: images (1, 3, H, W) -> boxes (1, {count}, 4), scores (1, {count}), labels (1, {count}); "
+            f"whole RetinaNet: one image (1, 3, H, W) -> boxes (1, {count}, 4), scores (1, {count}), labels (1, {count}); "
             "input pixels, label -1 = no detection"
         )
     if isinstance(network, EncoderDecoder):
@@ -135,13 +138,14 @@ def export_model(
     """
     path, (height, width) = check_request(path, format, input_size, dynamic)
     detector = isinstance(model, WholeRetinaNet)
-    if detector and dynamic:
-        raise ExportError("the whole RetinaNet exports with a static input only (--static): its per-level top-1000 "
-                          "selection and per-image loop are specialised to the input size")  # fmt: skip
+    if detector and dynamic and min(height, width) < DETECTOR_LEAST:
+        raise ExportError(f"input size {height}x{width}: a dynamic whole-RetinaNet export needs height and width of at "
+                          f"least {DETECTOR_LEAST} (P7 of 2x2 or more); --static exports smaller sizes")  # fmt: skip
     model.eval()
-    example = torch.randn(2 if dynamic else 1, 3, height, width)  # a batch of 1 would be specialised to 1
+    batch = 2 if dynamic and not detector else 1  # a batch of 1 would be specialised to 1; a detector takes one image
+    example = torch.randn(batch, 3, height, width)
     with torch.no_grad(), reference_kernels(model):
-        program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic))
+        program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic, detector))
     check_plain_aten(program, allowed=("torchvision.nms.default",) if detector else ())
     if format == "onnx":
         from .onnx_nms import nms as onnx_nms
@@ -151,7 +155,7 @@ def export_model(
                                     custom_translation_table=translations)  # fmt: skip
     checks = [torch.randn(1, 3, height, width), *check_images]
     if dynamic:
-        checks.append(torch.randn(2, 3, height + STRIDE, width + 2 * STRIDE))
+        checks.append(torch.randn(batch, 3, height + STRIDE, width + 2 * STRIDE))
     errors: list[float] = []
 
     def write_and_check(tmp: Path) -> None:
@@ -231,12 +235,15 @@ def _writable(path: Path) -> Path:
     return path
 
 
-def _dynamic_shapes(dynamic: bool) -> tuple[dict] | None:
-    """The images' dynamic dimensions (by position: forwards name their argument differently)."""
+def _dynamic_shapes(dynamic: bool, detector: bool = False) -> tuple[dict] | None:
+    """The images' dynamic dimensions (by position: forwards name their argument differently); a whole
+    detector takes one image of at least :data:`DETECTOR_LEAST` pixels a side."""
     if not dynamic:
         return None
     Dim = torch.export.Dim
-    return ({0: Dim("batch", min=1), 2: STRIDE * Dim("height_32", min=2), 3: STRIDE * Dim("width_32", min=2)},)
+    least = DETECTOR_LEAST // STRIDE if detector else 2
+    sides = {2: STRIDE * Dim("height_32", min=least), 3: STRIDE * Dim("width_32", min=least)}
+    return (sides if detector else {0: Dim("batch", min=1), **sides},)
 
 
 def check_plain_aten(program: torch.export.ExportedProgram, allowed: Sequence[str] = ()) -> None:
@@ -290,8 +297,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         prog="python -m ravlt_pl export",
         description="Export a config's network to ONNX or a torch.export .pt2, checked against eager PyTorch.",
         epilog="Exported: classification, the classifier (images -> logits); segmentation, the whole-image "
-        "segmentor (images -> logits at the input size); RetinaNet, the whole detector (--static; images -> "
-        "boxes, scores, labels); other detectors, the backbone + FPN (images -> FPN maps). "
+        "segmentor (images -> logits at the input size); RetinaNet, the whole detector (one image, sides of at "
+        "least 160 unless --static; images -> boxes, scores, labels); other detectors, the backbone + FPN (images -> FPN maps). "
         "Other options (e.g. --model.init_args.backbone_overrides) go to the config as in fit.",
     )
     parser.add_argument("--config", required=True, help="task config (a path or a name under configs/)")

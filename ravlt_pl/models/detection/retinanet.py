@@ -123,9 +123,10 @@ def decode_boxes(deltas: Tensor, anchors: Tensor, image_size: tuple[int, int]) -
     pw, ph = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
     gw, gh = pw * dw.exp(), ph * dh.exp()
     gx, gy = px + pw * dx, py + ph * dy
-    boxes = torch.stack([gx - gw * 0.5, gy - gh * 0.5, gx + gw * 0.5, gy + gh * 0.5], dim=-1)
-    height, width = image_size
-    return torch.minimum(boxes.clamp(min=0), boxes.new_tensor([width, height, width, height]))
+    height, width = image_size  # ints, or symbolic sizes while exporting
+    x1, x2 = (gx - gw * 0.5).clamp(0, width), (gx + gw * 0.5).clamp(0, width)
+    y1, y2 = (gy - gh * 0.5).clamp(0, height), (gy + gh * 0.5).clamp(0, height)
+    return torch.stack([x1, y1, x2, y2], dim=-1)
 
 
 def batched_nms_mmcv(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:
@@ -165,8 +166,9 @@ def mmdet_detections(
     boxes, scores = [], []
     for logits, deltas, level_anchors in zip(cls_logits, box_deltas, anchors):
         probs = logits.sigmoid()  # (N_l, K)
-        if probs.shape[0] > nms_pre:  # the anchors with the best class, all their scores
-            top = probs.max(dim=1).values.topk(nms_pre).indices
+        if torch.compiler.is_exporting() or probs.shape[0] > nms_pre:  # the anchors with the best class
+            # (exported: always selected, as mmdet's ONNX export does; the order changes, not the set)
+            top = probs.max(dim=1).values.topk(torch.sym_min(nms_pre, probs.shape[0])).indices
             probs, deltas, level_anchors = probs[top], deltas[top], level_anchors[top]
         boxes.append(decode_boxes(deltas, level_anchors, image_size))
         scores.append(probs)
