@@ -102,8 +102,8 @@ def exportable(network: nn.Module) -> tuple[nn.Module, str]:
     if isinstance(network, RAVLTRetinaNet):
         count = network.detections_per_img
         return WholeRetinaNet(network), (
-            f"whole RetinaNet: one image (1, 3, H, W) -> boxes (1, {count}, 4), scores (1, {count}), labels (1, {count}); "
-            "input pixels, label -1 = no detection"
+            f"whole RetinaNet: one image (1, 3, H, W) -> boxes (1, {count}, 4), scores (1, {count}), "
+            f"labels (1, {count}); input pixels, label -1 = no detection"
         )
     if isinstance(network, EncoderDecoder):
         return WholeImageSegmentor(network), "segmentor: images (B, 3, H, W) -> logits (B, classes, H, W)"
@@ -298,7 +298,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         description="Export a config's network to ONNX or a torch.export .pt2, checked against eager PyTorch.",
         epilog="Exported: classification, the classifier (images -> logits); segmentation, the whole-image "
         "segmentor (images -> logits at the input size); RetinaNet, the whole detector (one image, sides of at "
-        "least 160 unless --static; images -> boxes, scores, labels); other detectors, the backbone + FPN (images -> FPN maps). "
+        "least 160 unless --static; images -> boxes, scores, labels); other detectors, the backbone + FPN "
+        "(images -> FPN maps). "
         "Other options (e.g. --model.init_args.backbone_overrides) go to the config as in fit.",
     )
     parser.add_argument("--config", required=True, help="task config (a path or a name under configs/)")
