@@ -6,9 +6,14 @@ Exports the network a config builds, as ONNX (``torch.onnx.export(..., dynamo=Tr
 * classification: the whole classifier, images ``(B, 3, H, W)`` → logits ``(B, classes)``;
 * segmentation: the encoder–decoder's ``whole`` inference, images → logits at the input size
   ``(B, classes, H, W)`` (softmax / argmax and test-time augmentation stay with the caller);
-* detection: the backbone with its FPN, images → the FPN maps (``"0"``, ``"1"``, ... and the extra
-  levels), in torchvision's order. The detector's resize/normalise transform, anchors, RPN, RoI heads
-  and NMS have data-dependent shapes and stay in Python.
+* RetinaNet: the whole detector (backbone, FPN, head, anchors, box decoding, the authors' candidate
+  selection and NMS), images ``(1, 3, H, W)`` → the first ``detections_per_img`` (100) detections,
+  zero-padded: boxes ``(1, 100, 4)`` in input pixels, scores ``(1, 100)``, labels ``(1, 100)`` (−1: none).
+  One image per call; height and width dynamic from 160 (:data:`DETECTOR_LEAST`) or fixed (``--static``).
+  The graph holds one non-ATen operator, ``torchvision::nms``: a ``.pt2`` needs ``import torchvision``
+  where it is loaded; the ONNX model maps it onto ONNX ``NonMaxSuppression``;
+* other detectors: the backbone with its FPN, images → the FPN maps (``"0"``, ``"1"``, ... and the
+  extra levels), in torchvision's order. The RPN, RoI heads and NMS stay in Python.
 
 Images are normalised as in training (ImageNet mean/std). The graph is plain ATen: the backbone's fast
 kernels (the ``ravlt_pl::rope_tables`` op, oneDNN fused convolutions, cached folds) are switched off
@@ -41,6 +46,7 @@ from .ema import PREFIX as EMA_PREFIX
 from .models import RAVLT, load_official
 from .models.checkpoint import CheckpointError, read_checkpoint
 from .models.detection.backbone import RAVLTWithFPN
+from .models.detection.retinanet import RAVLTRetinaNet
 from .models.segmentation.segmentor import EncoderDecoder
 from .reports import atomic_write
 
@@ -48,6 +54,9 @@ ExportFormat = Literal["onnx", "pt2"]
 FORMATS: tuple[ExportFormat, ...] = ("onnx", "pt2")
 #: Height and width of every RAVLT input are multiples of the last stage's stride.
 STRIDE = 32
+#: Smallest dynamic height / width of a whole RetinaNet: P7 (stride 128) of at least 2 × 2, else the
+#: traced graph is specialised to a one-cell level.
+DETECTOR_LEAST = 5 * STRIDE
 
 
 class ExportError(RuntimeError):
@@ -65,8 +74,37 @@ class WholeImageSegmentor(nn.Module):
         return self.segmentor.encode_decode(images)  # (B, classes, H, W)
 
 
+class WholeRetinaNet(nn.Module):
+    """A RetinaNet's whole inference as ``forward``: normalised images (B, 3, H, W) → per image its first
+    ``detections_per_img`` detections, zero-padded to that count (fixed output shapes, for ONNX too):
+    boxes (B, N, 4) xyxy in input pixels (clipped to the input), scores (B, N), labels (B, N), −1 where none."""
+
+    def __init__(self, detector: RAVLTRetinaNet) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _, outputs, anchors = self.detector.head_outputs(images)
+        size, count = (images.shape[-2], images.shape[-1]), self.detector.detections_per_img
+        boxes, scores, labels = [], [], []
+        for i in range(images.shape[0]):
+            det = self.detector.detect_image([c[i] for c in outputs["cls_logits"]],
+                                             [r[i] for r in outputs["bbox_regression"]], anchors, size)  # fmt: skip
+            # padded by concatenation, then cut: a fixed size whatever the (data-dependent) number found
+            boxes.append(torch.cat([det["boxes"], det["boxes"].new_zeros(count, 4)])[:count])
+            scores.append(torch.cat([det["scores"], det["scores"].new_zeros(count)])[:count])
+            labels.append(torch.cat([det["labels"], det["labels"].new_full((count,), -1)])[:count])
+        return torch.stack(boxes), torch.stack(scores), torch.stack(labels)
+
+
 def exportable(network: nn.Module) -> tuple[nn.Module, str]:
     """The part of a task's network that exports, and what it maps (for messages)."""
+    if isinstance(network, RAVLTRetinaNet):
+        count = network.detections_per_img
+        return WholeRetinaNet(network), (
+            f"whole RetinaNet: one image (1, 3, H, W) -> boxes (1, {count}, 4), scores (1, {count}), "
+            f"labels (1, {count}); input pixels, label -1 = no detection"
+        )
     if isinstance(network, EncoderDecoder):
         return WholeImageSegmentor(network), "segmentor: images (B, 3, H, W) -> logits (B, classes, H, W)"
     if isinstance(network, RAVLT) and network.out_indices is None:
@@ -88,25 +126,36 @@ def export_model(
     input_size: Sequence[int] = (224, 224),
     dynamic: bool = True,
     atol: float = 1e-4,
+    check_images: Sequence[torch.Tensor] = (),
 ) -> float:
     """Export ``model`` (images → tensors) to ``path``, check it against the eager model; returns the max abs error.
 
     ``dynamic``: batch, height and width are free (height and width multiples of 32, at least 64);
     else the input is ``(1, 3, *input_size)``. The model is put in eval mode; its fast paths are off
     during tracing only. Raises :class:`ExportError` (nothing written) when the export fails, holds a
-    non-ATen operator, or differs from the eager model by more than ``atol``.
+    non-ATen operator, or differs from the eager model by more than ``atol``. ``check_images``: more
+    inputs to compare on (real images: random ones give a detector nothing to detect).
     """
     path, (height, width) = check_request(path, format, input_size, dynamic)
+    detector = isinstance(model, WholeRetinaNet)
+    if detector and dynamic and min(height, width) < DETECTOR_LEAST:
+        raise ExportError(f"input size {height}x{width}: a dynamic whole-RetinaNet export needs height and width of at "
+                          f"least {DETECTOR_LEAST} (P7 of 2x2 or more); --static exports smaller sizes")  # fmt: skip
     model.eval()
-    example = torch.randn(2 if dynamic else 1, 3, height, width)  # a batch of 1 would be specialised to 1
+    batch = 2 if dynamic and not detector else 1  # a batch of 1 would be specialised to 1; a detector takes one image
+    example = torch.randn(batch, 3, height, width)
     with torch.no_grad(), reference_kernels(model):
-        program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic))
-    check_plain_aten(program)
+        program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic, detector))
+    check_plain_aten(program, allowed=("torchvision.nms.default",) if detector else ())
     if format == "onnx":
-        program = torch.onnx.export(program, dynamo=True, input_names=["images"], verbose=False)
-    checks = [torch.randn(1, 3, height, width)]
+        from .onnx_nms import nms as onnx_nms
+
+        translations = {torch.ops.torchvision.nms.default: onnx_nms} if detector else None
+        program = torch.onnx.export(program, dynamo=True, input_names=["images"], verbose=False,
+                                    custom_translation_table=translations)  # fmt: skip
+    checks = [torch.randn(1, 3, height, width), *check_images]
     if dynamic:
-        checks.append(torch.randn(2, 3, height + STRIDE, width + 2 * STRIDE))
+        checks.append(torch.randn(batch, 3, height + STRIDE, width + 2 * STRIDE))
     errors: list[float] = []
 
     def write_and_check(tmp: Path) -> None:
@@ -186,21 +235,25 @@ def _writable(path: Path) -> Path:
     return path
 
 
-def _dynamic_shapes(dynamic: bool) -> tuple[dict] | None:
-    """The images' dynamic dimensions (by position: forwards name their argument differently)."""
+def _dynamic_shapes(dynamic: bool, detector: bool = False) -> tuple[dict] | None:
+    """The images' dynamic dimensions (by position: forwards name their argument differently); a whole
+    detector takes one image of at least :data:`DETECTOR_LEAST` pixels a side."""
     if not dynamic:
         return None
     Dim = torch.export.Dim
-    return ({0: Dim("batch", min=1), 2: STRIDE * Dim("height_32", min=2), 3: STRIDE * Dim("width_32", min=2)},)
+    least = DETECTOR_LEAST // STRIDE if detector else 2
+    sides = {2: STRIDE * Dim("height_32", min=least), 3: STRIDE * Dim("width_32", min=least)}
+    return (sides if detector else {0: Dim("batch", min=1), **sides},)
 
 
-def check_plain_aten(program: torch.export.ExportedProgram) -> None:
-    """Only ATen/prims operators (and torch's own higher-order ops) anywhere in the graph."""
+def check_plain_aten(program: torch.export.ExportedProgram, allowed: Sequence[str] = ()) -> None:
+    """Only ATen/prims operators (and torch's own higher-order ops, and ``allowed`` ones) anywhere in the graph."""
     foreign = sorted({
         str(node.target)
         for graph_module in program.graph_module.modules() if isinstance(graph_module, torch.fx.GraphModule)
         for node in graph_module.graph.nodes
         if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace not in ("aten", "prims")
+        and str(node.target) not in allowed
     })  # fmt: skip
     if foreign:
         raise ExportError(f"the traced graph holds non-ATen operators {foreign}; an export would need them registered "
@@ -244,7 +297,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         prog="python -m ravlt_pl export",
         description="Export a config's network to ONNX or a torch.export .pt2, checked against eager PyTorch.",
         epilog="Exported: classification, the classifier (images -> logits); segmentation, the whole-image "
-        "segmentor (images -> logits at the input size); detection, the backbone + FPN only (images -> FPN maps). "
+        "segmentor (images -> logits at the input size); RetinaNet, the whole detector (one image, sides of at "
+        "least 160 unless --static; images -> boxes, scores, labels); other detectors, the backbone + FPN "
+        "(images -> FPN maps). "
         "Other options (e.g. --model.init_args.backbone_overrides) go to the config as in fit.",
     )
     parser.add_argument("--config", required=True, help="task config (a path or a name under configs/)")

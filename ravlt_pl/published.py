@@ -1,7 +1,9 @@
-"""The paper's published figures per config (docs/recipes.md, docs/architecture.md), for ``summary``."""
+"""The paper's published figures per config (docs/recipes.md, docs/architecture.md), for ``summary``; the
+authors' 25 released files and the config each one goes with (:data:`RELEASED_FILES`, :func:`pairing_error`)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 # config stem: params (M), GFLOPs, headline metric(s)
@@ -29,3 +31,78 @@ PUBLISHED: dict[str, dict] = {
 
 def published_for(config: str | None) -> dict | None:
     return PUBLISHED.get(Path(config).stem) if config else None
+
+
+# -- the authors' released files (github.com/qhfan/RALA README, Hugging Face aldjalkdf/RAVLT) ------------------
+#: released file name → the config (under ``configs/``) that builds its model. The authors' detection
+#: configs call RAVLT-B "m" (``retinanet_m_1x.py``); their file names say "b", as ours do.
+RELEASED_FILES: dict[str, str] = {
+    **{f"RAVLT_{v.upper()}.pth": f"cls_{v}.yaml" for v in "tsbl"},
+    **{f"retinanet_{v}_1x_12_epoch.pth": f"det/retinanet_{v}_1x.yaml" for v in "tsbl"},
+    **{f"maskrcnn_{v}_1x_12_epoch.pth": f"det/maskrcnn_{v}_1x.yaml" for v in "tsbl"},
+    **{f"maskrcnn_{v}_3x_36_epoch.pth": f"det/maskrcnn_{v}_3x.yaml" for v in "sbl"},
+    **{f"Casmaskrcnn_{v}_3x_36_epoch.pth": f"det/cascade_maskrcnn_{v}_3x.yaml" for v in "sbl"},
+    **{f"fpn_{v}_1x.pth": f"seg/fpn_{v}_80k.yaml" for v in "tsbl"},
+    **{f"uper_{v}_2x.pth": f"seg/upernet_{v}_160k.yaml" for v in "sbl"},
+}  # fmt: skip
+
+
+def released_config(checkpoint: str | Path) -> str | None:
+    """The config for a released file, by its name (``None`` for a name the authors did not publish)."""
+    return RELEASED_FILES.get(Path(checkpoint).name)
+
+
+def pairing_error(checkpoint: str | Path, config: str | Path) -> str | None:
+    """One line saying why a checkpoint does not go with a config, ``None`` when they pair.
+
+    The checkpoint's RAVLT variant is inferred from its backbone tensors (a renamed file is judged by
+    what it holds) and compared with the ``variant`` the config builds. A released detector or
+    segmentor must also be loaded into a config of its own model (schedules aside: a 1x file may be
+    evaluated with the 3x config); as a backbone init any release pairs with any config of its variant.
+    """
+    from .models.checkpoint import extract_backbone_state, read_checkpoint
+    from .models.released import infer_backbone
+    from .models.variants import variant_of
+
+    built = _config_variant(config)
+    raw, source = read_checkpoint(checkpoint)
+    backbone = infer_backbone(extract_backbone_state(raw, source), prefix="")
+    held = variant_of(backbone["embed_dims"], backbone["depths"])
+    expected = released_config(checkpoint)
+    if held != built:
+        what = f"RAVLT-{held[-1].upper()}" if held else f"a RAVLT of widths {backbone['embed_dims']}"
+        hint = f"; it pairs with {expected}" if expected else ""
+        return f"{source} holds {what}, but {config} builds RAVLT-{built[-1].upper()}{hint}"
+    task = Path(config).parent.name
+    if expected and Path(expected).parent.name == task and _model(expected) != _model(config):
+        return f"{source} is the authors' {_model(expected)} ({expected}), but {config} builds a {_model(config)}"
+    return None
+
+
+def _model(config: str | Path) -> str:
+    """A config's model without variant and schedule: ``det/maskrcnn_s_3x.yaml`` → ``maskrcnn``."""
+    return re.sub(r"_[tsbl]_\d+[xk]$", "", Path(config).stem)
+
+
+def _config_variant(config: str | Path) -> str:
+    """The ``variant`` a config file builds (the first one in it)."""
+    import yaml
+
+    from .cli import resolve_config
+
+    path = resolve_config(str(config))
+    found = _find_key(yaml.safe_load(Path(path).read_text()), "variant")
+    if found is None:
+        raise ValueError(f"{path}: sets no RAVLT variant")
+    return found
+
+
+def _find_key(node, key: str):
+    """The first value of ``key`` in nested dicts and lists (depth first), ``None`` if absent."""
+    if isinstance(node, dict):
+        if key in node:
+            return node[key]
+        node = list(node.values())
+    if isinstance(node, list):
+        return next((found for child in node if (found := _find_key(child, key)) is not None), None)
+    return None

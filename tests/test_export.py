@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ravlt_pl.export import ExportError, check_plain_aten, export_model, load_weights, main, reference_kernels
+from ravlt_pl.export import (
+    ExportError, check_plain_aten, export_model, exportable, load_weights, main, reference_kernels,
+)  # fmt: skip
 from ravlt_pl.models import RAVLT, CheckpointError, build_backbone, load_official
 
-from .conftest import TINY
+from .conftest import FIXTURES, TINY
 
 CLS_DEMO = "demo/cls.yaml"  # looked up under configs/
 
@@ -185,3 +188,77 @@ def test_a_graph_with_ravlt_pl_operators_is_refused():
         program = torch.export.export(model, (torch.randn(1, 3, 64, 64),))
     with pytest.raises(ExportError, match=r"non-ATen operators \['ravlt_pl.rope_tables.default'\]"):
         check_plain_aten(program)
+
+
+# -- the whole RetinaNet -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def retinanet_fixture() -> tuple:
+    """The authors' tiny RetinaNet (their weights) and image 0 as their pipeline prepares it, alone: (1, 3, 96, 128)."""
+    from ravlt_pl.models.detection.released_retinanet import retinanet
+    from ravlt_pl.models.released import load_converted
+
+    fixture = torch.load(FIXTURES / "official_full" / "official_full_retinanet.pt", weights_only=True)
+    model = retinanet.build(fixture["state_dict"])
+    load_converted(model, retinanet.convert(fixture["state_dict"], model), "fixture")
+    return model.eval(), fixture["inputs"]["batch"][:1]
+
+
+def expected_detections(model, image: torch.Tensor) -> dict:
+    """What the eager model finds on ``image`` (clipped to the input, boxes in input pixels), on the plain
+    ATen path that is exported (the fast kernels' rounding moves the scores by ~1e-5)."""
+    size = tuple(image.shape[-2:])
+    with reference_kernels(model):
+        return model.predict_preprocessed(image, [size], [size])[0]
+
+
+def assert_padded_detections_match(outputs, expected: dict) -> None:
+    boxes, scores, labels = outputs
+    found = int((labels[0] >= 0).sum())
+    assert boxes.shape == (1, 100, 4) and found == len(expected["boxes"]) > 10
+    assert torch.equal(labels[0, :found], expected["labels"]) and (labels[0, found:] == -1).all()
+    torch.testing.assert_close(boxes[0, :found], expected["boxes"], rtol=0, atol=1e-3)
+    torch.testing.assert_close(scores[0, :found], expected["scores"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow  # two minutes on a loaded 2-core machine: a dynamic export, checked at three sizes
+def test_the_whole_retinanet_exports_to_pt2_with_anchors_decoding_and_nms(retinanet_fixture, tmp_path):
+    model, image = retinanet_fixture
+    module, what = exportable(model)
+    assert what.startswith("whole RetinaNet")
+    padded = F.pad(image, (0, 192 - 128, 0, 160 - 96))  # zero-padded bottom/right, as mmdet pads a batch
+    path = tmp_path / "retinanet.pt2"
+    export_model(module, path, "pt2", input_size=(160, 192), dynamic=True, atol=1e-3, check_images=[padded])
+    inputs = {"padded": padded, "larger": F.pad(image, (0, 320 - 128, 0, 224 - 96))}  # other sizes: H, W dynamic
+    torch.save(inputs, tmp_path / "inputs.pt")
+    loader = (
+        "import sys, torch, torchvision\n"  # torchvision registers the nms operator
+        "with open('retinanet.pt2', 'rb') as f:\n"
+        "    model = torch.export.load(f).module()\n"
+        "torch.save({k: model(x) for k, x in torch.load('inputs.pt').items()}, 'outputs.pt')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ravlt_pl'))\n"
+    )
+    run = subprocess.run([sys.executable, "-I", "-c", loader], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+    outputs = torch.load(tmp_path / "outputs.pt")
+    for name, images in inputs.items():
+        assert_padded_detections_match(outputs[name], expected_detections(model, images))
+
+
+def test_the_whole_retinanet_exports_to_onnx_with_nonmaxsuppression(retinanet_fixture, tmp_path):
+    onnx = pytest.importorskip("onnx", reason="ONNX export needs the export extra: pip install 'ravlt_pl[export]'")
+    onnxruntime = pytest.importorskip("onnxruntime", reason="checking the export needs onnxruntime (export extra)")
+    model, image = retinanet_fixture
+    path = tmp_path / "retinanet.onnx"
+    export_model(exportable(model)[0], path, "onnx", input_size=(96, 128), dynamic=False, atol=1e-3,
+                 check_images=[image])  # fmt: skip
+    assert "NonMaxSuppression" in {node.op_type for node in onnx.load(path).graph.node}
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    outputs = [torch.from_numpy(a) for a in session.run(None, {"images": image.numpy()})]
+    assert_padded_detections_match(outputs, expected_detections(model, image))
+
+
+def test_a_dynamic_whole_retinanet_export_below_160_pixels_is_refused_naming_why(retinanet_fixture, tmp_path):
+    with pytest.raises(ExportError, match=r"input size 96x128: a dynamic whole-RetinaNet export needs .* at least 160"):
+        export_model(exportable(retinanet_fixture[0])[0], tmp_path / "r.pt2", "pt2", input_size=(96, 128))
+    assert not (tmp_path / "r.pt2").exists()

@@ -22,6 +22,12 @@ VARIANTS: dict[str, dict] = {
 COMMON = dict(mlp_ratios=3.5, layerscales=True, projection=1024, attention=["linear", "linear", "softmax", "softmax"])
 
 
+def variant_of(embed_dims: list[int], depths: list[int]) -> str | None:
+    """The published variant with these stage widths and depths (``None``: another shape)."""
+    same = (n for n, v in VARIANTS.items() if v["embed_dims"] == list(embed_dims) and v["depths"] == list(depths))
+    return next(same, None)
+
+
 def variant_kwargs(name: str, **overrides) -> dict:
     """Constructor arguments of a published variant, with overrides (e.g. ``out_indices``)."""
     if name not in VARIANTS:

@@ -22,6 +22,23 @@ from ..ravlt import RAVLT
 from ..variants import build_backbone
 
 
+class P6P7FromC5(LastLevelP6P7):
+    """P6 = 3×3/2 conv on C5, P7 = 3×3/2 conv on P6 without a ReLU between: mmdet's FPN as the published
+    RetinaNet configs set it (``add_extra_convs='on_input'``, ``relu_before_extra_convs=False``).
+
+    torchvision's ``LastLevelP6P7`` applies a ReLU before P7 and switches to P5 when C5 has the FPN width.
+    """
+
+    def __init__(self, c5_channels: int, out_channels: int) -> None:
+        super().__init__(c5_channels, out_channels)
+        self.use_P5 = False
+
+    def forward(self, p: list[Tensor], c: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        p6 = self.p6(c[-1])
+        p7 = self.p7(p6)
+        return [*p, p6, p7], [*names, "p6", "p7"]
+
+
 class RAVLTWithFPN(nn.Module):
     """``body`` (a dense :class:`RAVLT`) → ``fpn`` (torchvision's FPN); ``out_channels`` as torchvision expects.
 
@@ -55,17 +72,15 @@ def ravlt_fpn(
     """A RAVLT variant with an FPN over ``stages``.
 
     ``extra="maxpool"`` adds P6 by max-pooling P5 (torchvision's Mask R-CNN, for the RPN);
-    ``extra="p6p7"`` adds P6/P7 by stride-2 convs on the last *backbone* map C5, not on P5, as the
-    published RetinaNet configs do (mmdet ``add_extra_convs='on_input'``).
+    ``extra="p6p7"`` adds P6/P7 by stride-2 convs on the last *backbone* map C5, not on P5, and no ReLU
+    before P7, as the published RetinaNet configs do (:class:`P6P7FromC5`).
     """
     kwargs = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
     body = build_backbone(variant, overrides, out_indices=tuple(stages), **kwargs)
     if extra == "maxpool":
         extra_blocks: ExtraFPNBlock = LastLevelMaxPool()
     elif extra == "p6p7":
-        extra_blocks = LastLevelP6P7(body.out_channels[-1], out_channels)
-        # torchvision switches to P5 when C5 happens to have the FPN width; the recipe always uses C5.
-        extra_blocks.use_P5 = False
+        extra_blocks = P6P7FromC5(body.out_channels[-1], out_channels)
     else:
         raise ValueError(f"extra must be 'maxpool' or 'p6p7', got {extra!r}")
     return RAVLTWithFPN(body, out_channels, extra_blocks)

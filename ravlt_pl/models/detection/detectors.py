@@ -1,5 +1,7 @@
 """RetinaNet, Mask R-CNN and Cascade Mask R-CNN on RAVLT: one class each, torchvision's detector underneath.
 
+RAVLTRetinaNet lives in :mod:`.retinanet` (with the authors' inference rules it follows).
+
 Each detector is one class whose constructor builds the whole network from a RAVLT variant, like
 torchvision's ``retinanet_resnet50_fpn``: ``RAVLTMaskRCNN(80, "ravlt_s")``. A config names it by
 ``class_path`` (``DetectionTask``'s ``detector`` argument) and sets its ``init_args``; torchvision's
@@ -55,46 +57,6 @@ class PresizedTransform(GeneralizedRCNNTransform):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(mean={self.image_mean}, std={self.image_std}, "
                 f"pad to ×{self.size_divisible}, no resize)")  # fmt: skip
-
-
-class RAVLTRetinaNet(RetinaNet):
-    """RetinaNet on RAVLT: FPN on C3–C5 with P6/P7 from C5 (mmdet ``add_extra_convs='on_input'``), focal loss.
-
-    Args:
-        num_classes: object classes (no background class: RetinaNet's labels are 0-based).
-        variant, backbone_overrides, drop_path_rate: the RAVLT backbone (see ``build_backbone``);
-            ``drop_path_rate=None`` keeps the variant's published rate.
-        fpn_channels: FPN width (256 published; smaller for a CPU demo).
-        anchor_scale: multiplies every anchor size (torchvision's defaults, 1 published); 0.5 suits
-            images whose objects are half the usual size in pixels.
-        detections_per_img: detections kept per image (mmdet ``max_per_img=100``; torchvision keeps 300).
-        kwargs: further arguments of torchvision's ``RetinaNet`` (``score_thresh``, ``nms_thresh``, ...).
-    """
-
-    label_offset = 0
-    iou_types = ("bbox",)
-
-    def __init__(
-        self,
-        num_classes: int,
-        variant: str = "ravlt_s",
-        backbone_overrides: dict | None = None,
-        drop_path_rate: float | None = None,
-        fpn_channels: int = 256,
-        anchor_scale: float = 1.0,
-        detections_per_img: int = 100,
-        **kwargs,
-    ) -> None:
-        backbone = ravlt_fpn(variant, backbone_overrides, (1, 2, 3), fpn_channels, "p6p7", drop_path_rate)
-        super().__init__(
-            backbone, num_classes, anchor_generator=anchors(anchor_scale, octaves=3),
-            detections_per_img=detections_per_img,
-            # torchvision's transform arguments, named so that they are no config arguments: PresizedTransform replaces it
-            min_size=0, max_size=0, image_mean=None, image_std=None, size_divisible=32, fixed_size=None,
-            **kwargs,
-        )  # fmt: skip
-        self.transform = PresizedTransform()
-        self.variant = variant
 
 
 class RAVLTMaskRCNN(MaskRCNN):
