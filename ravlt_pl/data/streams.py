@@ -178,7 +178,9 @@ class StreamLoader(ResumableLoader):
     """A DataLoader over a :class:`ShardStream` that tells it, as each epoch starts, which epoch it is.
 
     ``epoch()`` is the epoch Lightning is starting; ``resume()`` gives ``(epoch, batches trained)`` while
-    ``fit`` restarts from a checkpoint (the first pass after a resume skips those batches).
+    ``fit`` restarts from a checkpoint (the first pass after a resume skips those batches). Both are asked
+    at the first batch, not at ``iter()``: Lightning makes the first epoch's iterator (to count the
+    batches) before it restores a checkpoint's loop state, and workers read the position as they start.
     """
 
     def __init__(self, dataset: ShardStream, epoch: Callable[[], int], resume: Callable[[], tuple[int, int] | None],
@@ -187,7 +189,7 @@ class StreamLoader(ResumableLoader):
         self.epoch, self.resume = epoch, resume
         self._resumed_at: tuple[int, int] | None = None
 
-    def __iter__(self):
+    def _start(self) -> Iterator:
         position = self.resume()
         if position is not None and position != self._resumed_at:
             self._resumed_at = position
@@ -195,3 +197,21 @@ class StreamLoader(ResumableLoader):
         else:
             self.dataset.set_position(self.epoch())
         return super().__iter__()
+
+    def __iter__(self) -> Iterator:
+        return _Deferred(self._start)
+
+
+class _Deferred:
+    """An iterator made by ``start()`` at the first ``next()``."""
+
+    def __init__(self, start: Callable[[], Iterator]) -> None:
+        self.start, self.iterator = start, None
+
+    def __iter__(self) -> _Deferred:
+        return self
+
+    def __next__(self):
+        if self.iterator is None:
+            self.iterator = self.start()
+        return next(self.iterator)

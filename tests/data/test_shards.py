@@ -266,3 +266,23 @@ def test_missing_extra_is_one_line_saying_what_to_install(parquet_root, monkeypa
     monkeypatch.setattr(builtins, "__import__", no_pyarrow)
     with pytest.raises(DatasetError, match=r"needs pyarrow: pip install 'ravlt_pl\[shards\]'"):
         _dm(parquet_root).setup("fit")
+
+
+# -- resume through Lightning: bit-identical to an uninterrupted run ---------------------------------
+def test_sigterm_mid_epoch_and_resume_from_shards_equals_an_uninterrupted_run(tmp_path):
+    import signal
+
+    from tests.test_distributed import STEPS, assert_same_training_state, fit_args
+
+    source = make_classification(tmp_path / "shapes", train_per_class=4, val_per_class=3, image_size=32)
+    root = write_shards(source, tmp_path / "wds", shard_size=3)  # 20 images: 5 steps of 4 per epoch
+    cli = main(fit_args(root, tmp_path / "reference", "--data.init_args.shuffle_buffer", "5"))
+    assert cli.trainer.global_step == STEPS and cli.datamodule.data_format() == "wds"
+    reference = cli.trainer.checkpoint_callback.last_model_path or next((tmp_path / "reference").rglob("last.ckpt"))
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit, match="SIGTERM"):  # at the end of step 7: mid epoch 1
+        main(fit_args(root, run, "--data.init_args.shuffle_buffer", "5", "--trainer.callbacks+=tests.test_distributed.SignalAt",
+                      "--trainer.callbacks.step=7", f"--trainer.callbacks.signum={int(signal.SIGTERM)}"))  # fmt: skip
+    cli = main(fit_args(root, run, "--data.init_args.shuffle_buffer", "5", "--ckpt_path", "last"))
+    assert cli.trainer.global_step == STEPS
+    assert_same_training_state(next(Path(cli.trainer.log_dir).rglob("last.ckpt")), Path(reference))
