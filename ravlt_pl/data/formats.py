@@ -42,6 +42,8 @@ class StreamLayout:
 
 
 def open_layout(root: Path, data_format: str, splits: tuple[str, ...]) -> StreamLayout:
+    if data_format not in ("wds", "parquet"):
+        raise ValueError(f"data.init_args.format {data_format!r}: expected one of {', '.join(FORMATS)}")
     if data_format == "wds":
         from .shards import read_info, read_tar, split_shards
 

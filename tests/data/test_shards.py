@@ -273,21 +273,54 @@ def test_missing_extra_is_one_line_saying_what_to_install(parquet_root, monkeypa
         _dm(parquet_root).setup("fit")
 
 
+def test_missing_webdataset_stops_the_converter_saying_what_to_install(folder, tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_webdataset(name, *args, **kwargs):
+        if name == "webdataset":
+            raise ImportError("No module named 'webdataset'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_webdataset)
+    with pytest.raises(SystemExit, match=r"writing shards needs webdataset: pip install 'ravlt_pl\[shards\]'"):
+        convert(["--source", str(folder), "--out", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()
+
+
+def test_predict_from_a_sharded_root_reads_predict_dir_with_the_stored_class_names(folder, wds_root):
+    with pytest.raises(DatasetError, match=r"predict reads a folder of images; set --data.init_args.predict_dir"):
+        _dm(wds_root).setup("predict")
+    dm = _dm(wds_root, predict_dir=str(folder / "val" / "star"))
+    dm.setup("predict")
+    assert dm.info.class_names == ("circle", "cross", "square", "star", "triangle") and len(dm.datasets["predict"]) == 3
+
+
+def test_an_unknown_format_is_refused_naming_the_option(folder):
+    with pytest.raises(ValueError, match=r"format 'tfrecord'.*auto, folder, wds, parquet"):
+        _dm(folder, format="tfrecord").setup("fit")
+
+
 # -- resume through Lightning: bit-identical to an uninterrupted run ---------------------------------
-def test_sigterm_mid_epoch_and_resume_from_shards_equals_an_uninterrupted_run(tmp_path):
+def test_resume_from_shards_at_epoch_end_and_after_sigterm_mid_epoch_equals_an_uninterrupted_run(tmp_path):
     import signal
 
     from tests.test_distributed import STEPS, assert_same_training_state, fit_args
 
     source = make_classification(tmp_path / "shapes", train_per_class=4, val_per_class=3, image_size=32)
     root = write_shards(source, tmp_path / "wds", shard_size=3)  # 20 images: 5 steps of 4 per epoch
-    cli = main(fit_args(root, tmp_path / "reference", "--data.init_args.shuffle_buffer", "5"))
+    every_epoch = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.save_top_k=-1",
+                   "--trainer.callbacks.filename={epoch}", f"--trainer.callbacks.dirpath={tmp_path / 'epochs'}"]  # fmt: skip
+    cli = main(fit_args(root, tmp_path / "reference", "--data.init_args.shuffle_buffer", "5", *every_epoch))
     assert cli.trainer.global_step == STEPS and cli.datamodule.data_format() == "wds"
-    reference = cli.trainer.checkpoint_callback.last_model_path or next((tmp_path / "reference").rglob("last.ckpt"))
+    reference = next((tmp_path / "reference").rglob("last.ckpt"))
+    # From the end of epoch 0: epoch 1 in its own shuffled order.
+    cli = main(fit_args(root, tmp_path / "epoch", "--data.init_args.shuffle_buffer", "5",
+                        "--ckpt_path", str(tmp_path / "epochs" / "epoch=0.ckpt")))  # fmt: skip
+    assert_same_training_state(next(Path(cli.trainer.log_dir).rglob("last.ckpt")), reference)
     run = tmp_path / "run"
     with pytest.raises(SystemExit, match="SIGTERM"):  # at the end of step 7: mid epoch 1
         main(fit_args(root, run, "--data.init_args.shuffle_buffer", "5", "--trainer.callbacks+=tests.test_distributed.SignalAt",
                       "--trainer.callbacks.step=7", f"--trainer.callbacks.signum={int(signal.SIGTERM)}"))  # fmt: skip
     cli = main(fit_args(root, run, "--data.init_args.shuffle_buffer", "5", "--ckpt_path", "last"))
     assert cli.trainer.global_step == STEPS
-    assert_same_training_state(next(Path(cli.trainer.log_dir).rglob("last.ckpt")), Path(reference))
+    assert_same_training_state(next(Path(cli.trainer.log_dir).rglob("last.ckpt")), reference)
