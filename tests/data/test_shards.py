@@ -47,7 +47,7 @@ def parquet_root(folder, tmp_path_factory) -> Path:
 
 
 # RandAugment off: timm's ``inc1`` posterize at magnitude 10 asks Pillow >= 10 for 0 bits, which it refuses
-# (about 1 in 800 training transforms; see ravlt_pl/benchmark/data_loading.py); not what these tests test.
+# (about 1 in 700 training transforms; see ravlt_pl/benchmark/data_loading.py); not what these tests test.
 NO_RANDAUGMENT = dict(auto_augment=None)
 
 
