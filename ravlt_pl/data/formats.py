@@ -61,8 +61,8 @@ def setup_stream(dm: ImageNetDataModule, data_format: str, stage: str) -> None:
     if stage == "fit" and dm.repeated_aug:
         raise DatasetError(
             f"{dm.root}: repeated_aug needs random access (DeiT's sampler puts the 3 copies of an image on 3 "
-            "processes in the same step); a stream of shards has none. Set --data.init_args.repeated_aug false, "
-            "or train from the ImageFolder (python -m ravlt_pl.data.shards does not unpack; the folder is the source)"
+            "processes in the same step; from a stream every process would read every shard). "
+            "Set --data.init_args.repeated_aug false, or train from an ImageFolder copy"
         )
     splits = ("train", "validation") if stage == "fit" else ("validation",) if stage != "predict" else ()
     layout = open_layout(dm.root, data_format, splits)
