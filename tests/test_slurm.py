@@ -282,3 +282,30 @@ def test_two_node_job_cancelled_resumes_with_ckpt_path_last(slurm_env, tmp_path)
     assert Path(resumed["resumed_from"]) == saved and resumed["start_global_step"] == 3
     assert resumed["end_global_step"] == STEPS
     check_finished_exactly(Path(resumed["log_dir"]))
+
+
+def test_two_node_job_trains_from_shards_and_resumes_mid_epoch_after_a_requeue(slurm_env, tmp_path):
+    """The same 2-node job reading WebDataset shards (written by the converter): both ranks stream
+    their share, the requeue signal after step 3 (mid epoch 0) resumes at step 3 and the job ends
+    at the expected step; its 2-rank validation scored each of the 15 images once."""
+    from ravlt_pl.data.shards import write_shards
+
+    source = make_classification(tmp_path / "shapes", train_per_class=4, val_per_class=3, image_size=32)
+    data = write_shards(source, tmp_path / "shapes-wds", shard_size=3)
+    run, gate, log = tmp_path / "run", tmp_path / "gate", tmp_path / "job.out"
+    gate.mkdir()
+    job = submit(slurm_env, data, run, log, gate=gate, steps=(3,))
+    try:
+        act_at(slurm_env, job, gate, log, "step3", ["--signal=USR1"], REQUEUE)
+        info = wait_until_completed(slurm_env, job, log)
+    finally:
+        subprocess.run(["scancel", job], env=slurm_env, timeout=30)
+    assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", info
+    records = run_records(run, job)
+    check_two_ranks_under_slurm(records, job, restarts=(0, 1))
+    resumed = records["restart1-rank0"]
+    assert Path(resumed["resumed_from"]) == run / "hpc_ckpt_1.ckpt" and resumed["start_global_step"] == 3
+    assert resumed["end_global_step"] == STEPS
+    check_finished_exactly(Path(resumed["log_dir"]))
+    report = json.loads((Path(resumed["log_dir"]) / "reports" / "fit" / "classification_val.json").read_text())
+    assert report["num_samples"] == 15 and sum(map(sum, report["confusion_matrix"])) == 15

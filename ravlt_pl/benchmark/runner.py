@@ -694,6 +694,9 @@ def main(argv=None):
         print("\ndata loading:")
         report["data_loading"] = benchmark_data_loading(args, results)
         print_data_loading(report["data_loading"])
+        from .data_loading import benchmark_formats  # folder vs shards vs parquet
+
+        report["data_formats"] = benchmark_formats(args, report["data_loading"]["feed_img_s"])
     atomic_write(args.out / "benchmark.json", lambda p: Path(p).write_text(json.dumps(report, indent=2)))
     if results:
         plot(results, args, args.out / "benchmark.png")

@@ -1,14 +1,15 @@
-"""ImageNet-1k (or any ImageFolder tree): ``root/{train,val}/<class>/*.JPEG`` with the DeiT pipelines."""
+"""ImageNet-1k (or any ImageFolder tree): ``root/{train,val}/<class>/*.JPEG`` with the DeiT pipelines;
+WebDataset shards and Hugging Face parquet through the same pipelines (``format``, see ``formats.py``)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from timm.data import create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
 from .base import BaseDataModule, DatasetInfo
@@ -46,7 +47,11 @@ class ImageNetDataModule(BaseDataModule):
         color_jitter: colour jitter strength (timm applies it only when RandAugment is off).
         reprob: random-erasing probability.
         repeated_aug: DeiT's repeated-augmentation sampler (3 augmented copies per image per epoch,
-            sharded over processes).
+            sharded over processes). ImageFolder only: refused for shards and parquet, which stream.
+        format: ``folder`` (ImageFolder), ``wds`` (WebDataset shards in the ``timm/imagenet-1k-wds``
+            layout), ``parquet`` (Hugging Face ``imagenet-1k`` files); ``auto`` tells them apart by what
+            ``root`` holds (``_info.json``/``*.tar``, ``data/*.parquet``, else a folder tree).
+        shuffle_buffer: training samples each loader worker holds to shuffle a shard stream.
         **kwargs: ``predict_dir`` (default ``root/val``, read recursively), the batch and loader
             settings: see :class:`BaseDataModule`.
     """
@@ -65,6 +70,8 @@ class ImageNetDataModule(BaseDataModule):
         color_jitter: float = 0.3,
         reprob: float = 0.25,
         repeated_aug: bool = False,
+        format: Literal["auto", "folder", "wds", "parquet"] = "auto",
+        shuffle_buffer: int = 2048,
         **kwargs: Any,
     ) -> None:
         super().__init__(root, **kwargs)
@@ -77,6 +84,8 @@ class ImageNetDataModule(BaseDataModule):
         self.color_jitter = color_jitter
         self.reprob = reprob
         self.repeated_aug = repeated_aug
+        self.format = format
+        self.shuffle_buffer = shuffle_buffer
 
     # -- validation of the tree -------------------------------------------------------------------
     def _classes(self, split: str) -> list[str]:
@@ -118,7 +127,17 @@ class ImageNetDataModule(BaseDataModule):
             self.image_size, is_training=False, crop_pct=self.crop_pct, interpolation=self.interpolation
         )
 
+    def data_format(self) -> str:
+        """The layout of ``root``: ``folder``, ``wds`` or ``parquet``."""
+        from .formats import detect_format
+
+        return detect_format(self.root) if self.format == "auto" else self.format
+
     def setup(self, stage: str) -> None:
+        if self.data_format() != "folder":
+            from .formats import setup_stream
+
+            return setup_stream(self, self.data_format(), stage)
         if stage == "predict":
             folder = self.predict_dir or self.root / "val"
             self.datasets["predict"] = PredictFolder(folder, self.transform(train=False), recursive=True)
@@ -131,6 +150,15 @@ class ImageNetDataModule(BaseDataModule):
         if stage == "fit":
             self.datasets["train"] = ClassFolders(self.root / "train", self.transform(True))
         self.datasets["val"] = self.datasets["test"] = ClassFolders(self.root / "val", self.transform(False))
+
+    def _dataloader_factory(self, split: str) -> DataLoader:
+        from .streams import ShardStream
+
+        if isinstance(self.datasets.get(split), ShardStream):
+            from .formats import stream_loader
+
+            return stream_loader(self, split)
+        return super()._dataloader_factory(split)
 
     def train_sampler(self, dataset: Dataset) -> Sampler | None:
         if not self.repeated_aug:
