@@ -107,6 +107,8 @@ class MaskFolderDataModule(ADE20KDataModule):
         if classes is not None:
             names = read_classes(classes)
             source = str(classes) if isinstance(classes, str) else "data.init_args.classes"
+        elif num_classes is not None:  # numbered classes; out-of-range mask values are refused when read
+            names, source = [f"class {i}" for i in range(num_classes)], "data.init_args.num_classes"
         else:
             self.root = root
             self.check_root()

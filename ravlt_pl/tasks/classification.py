@@ -68,7 +68,6 @@ class ClassificationTask(BaseTask):
         super().__init__(**kwargs)
         extra = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
         self.model = build_backbone(variant, backbone_overrides, num_classes=num_classes, **extra)
-        self.load_pretrained_backbone(self.model)
         self.mixup = (
             Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
                   label_smoothing=label_smoothing, num_classes=num_classes)

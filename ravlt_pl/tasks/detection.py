@@ -73,7 +73,6 @@ class DetectionTask(BaseTask):
         if callable(self.hparams.detector):  # built in Python, not from a config: checkpoints keep its name only
             self.hparams.detector = class_spec(detector)
         self.model = detector(num_classes)
-        self.load_pretrained_backbone(self.model.backbone.body)
         self.label_offset: int = self.model.label_offset
         self.iou_types: tuple[str, ...] = tuple(self.model.iou_types)
         if headline.split("_")[0] not in self.iou_types:
@@ -83,6 +82,9 @@ class DetectionTask(BaseTask):
         self.metrics = nn.ModuleDict({stage: coco_metric(self.iou_types) for stage in ("val", "test")})
         self._results: list[dict] = []  # COCO-format detections of the epoch being reported
         self._drawn: list[tuple[Tensor, dict, dict]] = []  # (image, ground truth, detections) to draw
+
+    def load_pretrained(self) -> None:
+        self.load_pretrained_backbone(self.model.backbone.body)
 
     # -- inference ---------------------------------------------------------------------------------
     def forward(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:

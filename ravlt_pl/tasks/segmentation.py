@@ -112,9 +112,8 @@ class SegmentationTask(BaseTask):
     def flops_forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_decode(images)
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit":  # a resumed run's checkpoint is restored after this and overrides it
-            self.load_pretrained_backbone(self.model.backbone)
+    def load_pretrained(self) -> None:
+        self.load_pretrained_backbone(self.model.backbone)
 
     # -- training -----------------------------------------------------------------------------------
     def pixel_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

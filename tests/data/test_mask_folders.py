@@ -38,8 +38,8 @@ def test_classes_left_out_are_the_label_values_found(folders, tmp_path):
     assert dm.num_classes == 6 and dm.info.class_names[-1] == "class 5"
     dm.setup("fit")
     assert 255 in dm.datasets["val"][0]["label"].numpy()
-    with pytest.raises(DatasetError, match=r"masks/train: 6 classes, but num_classes is 4"):
-        MaskFolderDataModule(root, ignore_value=200, num_classes=4, **LOADER)
+    with pytest.raises(DatasetError, match=r"classes.txt: 6 classes, but num_classes is 4"):
+        MaskFolderDataModule(root, classes=str(root / "classes.txt"), num_classes=4, **LOADER)
 
 
 def test_a_missing_mask_and_a_missing_test_split_are_named(folders, tmp_path):

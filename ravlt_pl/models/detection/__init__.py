@@ -1,13 +1,14 @@
-"""Detection on RAVLT with torchvision: FPN adapter, RetinaNet / Mask R-CNN / Cascade Mask R-CNN, cascade RoI heads."""
+"""Detection on RAVLT with torchvision: FPN adapter, RetinaNet / Faster R-CNN / Mask R-CNN / Cascade Mask R-CNN, cascade RoI heads."""
 
 from .backbone import RAVLTWithFPN, ravlt_fpn
 from .cascade import CascadeBoxPredictor, CascadeMaskRCNN, CascadeRoIHeads, conv_fc_box_head
 from .detectors import (
     PresizedTransform, RAVLTCascadeMaskRCNN, RAVLTMaskRCNN, RAVLTRetinaNet, anchors, dummy_forward, rescale_detections,
 )  # fmt: skip
+from .faster_rcnn import RAVLTFasterRCNN
 
 __all__ = [
     "RAVLTWithFPN", "ravlt_fpn", "CascadeBoxPredictor", "CascadeMaskRCNN", "CascadeRoIHeads", "conv_fc_box_head",
-    "PresizedTransform", "RAVLTRetinaNet", "RAVLTMaskRCNN", "RAVLTCascadeMaskRCNN", "anchors", "dummy_forward",
+    "PresizedTransform", "RAVLTRetinaNet", "RAVLTFasterRCNN", "RAVLTMaskRCNN", "RAVLTCascadeMaskRCNN", "anchors", "dummy_forward",
     "rescale_detections",
 ]  # fmt: skip
