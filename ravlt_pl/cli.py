@@ -214,6 +214,13 @@ class RAVLTCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path") if config is not None else None
         if config is not None and config.get("weights_only") is None:
             config["weights_only"] = True  # Lightning's own load of the checkpoint unpickles no objects either
+        if ckpt_path == "best" and subcommand != "fit":
+            # A finished run's best checkpoint (this process has not trained, so Lightning knows none).
+            root = Path(config.get("trainer", {}).get("default_root_dir") or os.getcwd())
+            found = max(root.rglob("best-*.ckpt") if root.is_dir() else [], key=lambda p: p.stat().st_mtime, default=None)
+            if found is None:
+                raise ConfigError(f"--ckpt_path best: no best-*.ckpt under {root}; give a checkpoint path or 'last'")
+            config["ckpt_path"] = ckpt_path = str(found)
         if ckpt_path in (None, "best", "hpc", "registry") or "://" in str(ckpt_path) or str(ckpt_path).startswith("registry:"):
             return
         if ckpt_path == "last":

@@ -40,7 +40,7 @@ class ClassificationTask(BaseTask):
         mixup_prob: probability of applying mixup or cutmix to a batch.
         mixup_switch_prob: probability of cutmix instead of mixup when both are on.
         label_smoothing: label smoothing of the (mixed) targets.
-        image_size: input side used by ``summary`` for FLOPs.
+        image_size: input side used by ``summary`` for FLOPs; linked from ``data.image_size`` (one key for both).
         **kwargs: the :class:`~ravlt_pl.tasks.base.BaseTask` arguments (``optimizer``, ``scheduler``,
             ``ema_decay``, ``pretrained``, ``report_dir``, ``weight_decay_exempt``,
             ``float32_matmul_precision``). Here ``pretrained`` initialises all but the head, the

@@ -65,10 +65,10 @@ def test_recipe_fits_from_pretrained_and_the_run_stands_alone(config, tmp_path):
     classes = len(SHAPES) + (1 if config in ("fpn", "upernet") else 0)  # + background
     assert yaml.safe_load(saved.read_text())["data"]["init_args"]["num_classes"] == classes  # counted, then recorded
     pretrained.unlink()  # the finished run needs it no more
-    cli = main(["validate", "--config", str(saved), "--ckpt_path", "last"])
+    cli = main(["validate", "--config", str(saved), "--ckpt_path", "best"])  # the run's best-*.ckpt
     assert cli.model.hparams.num_classes == classes
     validated = next((out / "lightning_logs").glob("version_1/reports/validate/*_val.json"))
-    assert "checkpoint " in json.loads(validated.read_text())["weights"]
+    assert "checkpoint " in json.loads(validated.read_text())["weights"] and "best-" in cli.trainer.ckpt_path
 
 
 def test_predict_and_resume_of_a_finished_classifier_after_the_pretrained_file_is_gone(tmp_path, capsys):
