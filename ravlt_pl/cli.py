@@ -2,8 +2,9 @@
 
 LightningCLI in subclass mode: the YAML's ``model.class_path`` picks the task (classification,
 detection, segmentation) and ``data.class_path`` the dataset; ``data.num_classes`` (given, or
-counted from the data when left out) and a data module's ``image_size`` are linked into the task. A bare config name (``cls_s.yaml``, ``det/maskrcnn_s_1x.yaml``) is looked up in
-``configs/`` when it is not a path from the working directory.
+counted from the data when left out) and a data module's ``image_size`` are linked into the task.
+A bare config name (``cls_s.yaml``, ``det/maskrcnn_s_1x.yaml``) is looked up in ``configs/`` when it
+is not a path from the working directory.
 
 Every run gets the callbacks of :data:`DEFAULT_CALLBACKS` as the default of ``trainer.callbacks``
 (``--print_config`` shows them). Ours are added to, not replaced by, the config's: append with
@@ -217,7 +218,8 @@ class RAVLTCLI(LightningCLI):
         if ckpt_path == "best" and subcommand != "fit":
             # A finished run's best checkpoint (this process has not trained, so Lightning knows none).
             root = Path(config.get("trainer", {}).get("default_root_dir") or os.getcwd())
-            found = max(root.rglob("best-*.ckpt") if root.is_dir() else [], key=lambda p: p.stat().st_mtime, default=None)
+            candidates = root.rglob("best-*.ckpt") if root.is_dir() else []
+            found = max(candidates, key=lambda p: p.stat().st_mtime, default=None)
             if found is None:
                 raise ConfigError(f"--ckpt_path best: no best-*.ckpt under {root}; give a checkpoint path or 'last'")
             config["ckpt_path"] = ckpt_path = str(found)

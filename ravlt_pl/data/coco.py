@@ -1,11 +1,12 @@
 """COCO-2017 instances (detection + instance masks): the published 1x/3x pipelines, datasets, loaders.
 
 Layout under ``root``: ``annotations/instances_{train,val}2017.json``, ``train2017/``, ``val2017/``, or a
-labelling tool's export (Roboflow, Label Studio, CVAT; see :mod:`.coco_layouts`). Files are checked by :mod:`.coco_files` and read with pycocotools (polygons and RLE → masks with
-``COCO.annToMask``). COCO's 80 category ids are not contiguous (1..90 with gaps); labels are their
-0-based rank (``COCODataModule.info.category_ids`` maps back). Training skips images without usable annotations
-and leaves ``iscrowd`` objects out of the targets (mmdet's behaviour); evaluation keeps every image
-and annotation, in original image coordinates, so the metric sees exactly what COCOeval sees.
+labelling tool's export (Roboflow, Label Studio, CVAT; see :mod:`.coco_layouts`). Files are checked
+by :mod:`.coco_files` and read with pycocotools (polygons and RLE → masks with ``COCO.annToMask``).
+COCO's 80 category ids are not contiguous (1..90 with gaps); labels are their 0-based rank
+(``COCODataModule.info.category_ids`` maps back). Training skips images without usable annotations and
+leaves ``iscrowd`` objects out of the targets (mmdet's behaviour); evaluation keeps every image and
+annotation, in original image coordinates, so the metric sees exactly what COCOeval sees.
 """
 
 from __future__ import annotations
@@ -180,6 +181,7 @@ class COCODataModule(BaseDataModule):
             the 3x sizes scale with ``short`` (published: (1333, 800)). Small values suit tests and demos.
         with_masks: decode instance masks (Mask R-CNN models); off for box detectors (RetinaNet,
             Faster R-CNN), which then ignore ``segmentation`` fields (a box-only export has none).
+            ``None``: what the trained detector predicts (its ``iou_types``), masks without one.
         layout: ``auto`` (detected), ``coco2017``, ``roboflow``, ``label_studio`` or ``cvat``.
         train_split, val_split, test_split: the ``coco2017`` layout's split names
             (``annotations/instances_<split>.json``, ``<split>/``); COCO's test-dev has no public labels,
@@ -200,7 +202,7 @@ class COCODataModule(BaseDataModule):
         num_classes: int | None = None,
         recipe: Recipe = "1x",
         scale: tuple[int, int] = (1333, 800),
-        with_masks: bool = True,
+        with_masks: bool | None = None,
         layout: Layout = "auto",
         train_split: str = "train2017",
         val_split: str = "val2017",
@@ -309,6 +311,9 @@ class COCODataModule(BaseDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.check_root()
+        if self.with_masks is None:  # as the detector needs: box detectors ignore segmentation fields
+            task = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+            self.with_masks = "segm" in getattr(task, "iou_types", ("segm",))
         if stage in ("fit", None) and "train" not in self.datasets:
             self.datasets["train"] = self._dataset("train", train=True)
         if stage in ("fit", "validate", None) and "val" not in self.datasets:
@@ -321,9 +326,12 @@ class COCODataModule(BaseDataModule):
             self._info = self._predict_info()
 
     def _default_predict_dir(self) -> Path:
-        if self.layout in ("auto", "coco2017") and self.explicit["val"][1] is None:
-            return self.root / self.splits["val"]  # no annotation file needed to find it
-        files = self.files()
+        """The validation images (of the train file where there is no val split); COCO-2017's ``val2017/``
+        when there are no annotation files at all (predict needs none)."""
+        try:
+            files = self.files()
+        except DatasetError:
+            return self.root / self.splits["val"]
         return (files.get("val") or files["train"]).images
 
     def _predict_info(self) -> DatasetInfo:

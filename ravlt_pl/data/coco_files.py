@@ -45,7 +45,7 @@ class CocoSplit:
 def box_only_hint(where: str) -> str:
     """The refusal of box-only records by a mask detector, pointing at the box-only recipe."""
     return (f"{where} has no polygon or RLE segmentation (a box-only export?); a mask detector needs masks: train "
-            "the box-only Faster R-CNN instead (configs/finetune/faster_rcnn.yaml, data.init_args.with_masks false)")
+            "the box-only Faster R-CNN instead (configs/finetune/faster_rcnn.yaml)")
 
 
 def read_split(ann_file: Path, image_dir: Path, train: bool, with_masks: bool, by_name: bool = False) -> CocoSplit:

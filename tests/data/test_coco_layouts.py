@@ -36,6 +36,14 @@ def test_each_tool_export_loads_without_renaming(export):
         assert val and not train & val and len(dm.datasets["val"]) == round(0.4 * 7)
 
 
+def test_predict_defaults_to_the_exports_validation_images(tmp_path):
+    root = make_detection_export(tmp_path / "rf", "roboflow", num_train=3, num_val=2, image_size=(80, 64))
+    dm = COCODataModule(root, **LOADER)
+    dm.setup("predict")
+    assert dm.datasets["predict"].folder == root / "valid" and len(dm.datasets["predict"]) == 2
+    assert list(dm.info.class_names) == list(SHAPES)
+
+
 def test_a_single_split_export_without_val_fraction_names_the_key(tmp_path):
     root = make_detection_export(tmp_path / "cvat", "cvat", num_train=3, num_val=2, image_size=(80, 64))
     with pytest.raises(DatasetError, match=r"\(cvat layout\) has no val split; set --data.init_args.val_annotations"):
