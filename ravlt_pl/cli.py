@@ -1,9 +1,10 @@
 """``python -m ravlt_pl {fit,validate,test,predict,summary,benchmark,analyze-rank,export} --config X.yaml``.
 
 LightningCLI in subclass mode: the YAML's ``model.class_path`` picks the task (classification,
-detection, segmentation) and ``data.class_path`` the dataset; ``data.num_classes`` is linked into
-the task. A bare config name (``cls_s.yaml``, ``det/maskrcnn_s_1x.yaml``) is looked up in
-``configs/`` when it is not a path from the working directory.
+detection, segmentation) and ``data.class_path`` the dataset; ``data.num_classes`` (given, or
+counted from the data when left out) and a data module's ``image_size`` are linked into the task.
+A bare config name (``cls_s.yaml``, ``det/maskrcnn_s_1x.yaml``) is looked up in ``configs/`` when it
+is not a path from the working directory.
 
 Every run gets the callbacks of :data:`DEFAULT_CALLBACKS` as the default of ``trainer.callbacks``
 (``--print_config`` shows them). Ours are added to, not replaced by, the config's: append with
@@ -174,6 +175,10 @@ DEFAULT_CALLBACKS = (
 )
 
 
+def _data_image_size(data) -> int | None:
+    return getattr(data, "image_size", None)
+
+
 def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -182,7 +187,9 @@ class RAVLTCLI(LightningCLI):
     """LightningCLI with our defaults: visible default callbacks, linked classes, trusted checkpoints only."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        # The data module knows its classes (given, or counted from the data when it is built).
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data", "model.init_args.image_size", compute_fn=_data_image_size, apply_on="instantiate")
         parser.set_defaults({
             # DataModules shard their own loaders (exactly-once evaluation, repeated augmentation).
             "trainer.use_distributed_sampler": False,
@@ -208,6 +215,14 @@ class RAVLTCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path") if config is not None else None
         if config is not None and config.get("weights_only") is None:
             config["weights_only"] = True  # Lightning's own load of the checkpoint unpickles no objects either
+        if ckpt_path == "best" and subcommand != "fit":
+            # A finished run's best checkpoint (this process has not trained, so Lightning knows none).
+            root = Path(config.get("trainer", {}).get("default_root_dir") or os.getcwd())
+            candidates = root.rglob("best-*.ckpt") if root.is_dir() else []
+            found = max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+            if found is None:
+                raise ConfigError(f"--ckpt_path best: no best-*.ckpt under {root}; give a checkpoint path or 'last'")
+            config["ckpt_path"] = ckpt_path = str(found)
         if ckpt_path in (None, "best", "hpc", "registry") or "://" in str(ckpt_path) or str(ckpt_path).startswith("registry:"):
             return
         if ckpt_path == "last":
@@ -232,6 +247,7 @@ class RAVLTCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+            self._record_counted_classes()
         except ValueError as err:  # jsonargparse wraps what a constructor raised in "Does not validate against ..."
             cause = err
             while cause.__cause__ is not None:
@@ -239,6 +255,16 @@ class RAVLTCLI(LightningCLI):
             if cause is err or not isinstance(cause, (ValueError, FileNotFoundError)):
                 raise
             raise cause if isinstance(cause, (DatasetError, CheckpointError, ConfigError)) else ConfigError(str(cause))
+
+    def _record_counted_classes(self) -> None:
+        """The class count the data gave (``num_classes`` left out) goes into the run's saved config.yaml,
+        so that validate/predict/export of the run build the same model without reading the data."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        data = (config or {}).get("data") or {}
+        init_args = data.get("init_args") if "init_args" in data else None
+        counted = getattr(self.datamodule, "num_classes", None)
+        if init_args is not None and init_args.get("num_classes") is None and counted is not None:
+            init_args["num_classes"] = counted
 
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "trainer", default={})

@@ -345,7 +345,11 @@ def main(argv: Sequence[str]) -> dict:
                          "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1"],
                         run=False, prog=f"{PROG} export")  # fmt: skip
         network = cli.model.model
-        weights = load_weights(network, args.ckpt, args.use_ema) if args.ckpt else "the config's initialisation"
+        if args.ckpt:
+            weights = load_weights(network, args.ckpt, args.use_ema)
+        else:  # the task reads its pretrained file when a run starts, not when it is built
+            cli.model.load_pretrained()
+            weights = f"the config's initialisation{' from ' + cli.model.pretrained if cli.model.pretrained else ''}"
         module, what = exportable(network)
         error = export_model(module, args.out, args.format, args.input_size, dynamic=not args.static, atol=args.atol)
     except (ExportError, CheckpointError, ConfigError, DatasetError, FileNotFoundError) as err:

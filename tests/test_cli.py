@@ -13,7 +13,8 @@ from ravlt_pl.cli import main, resolve_config
 from tests.conftest import TINY, tiny_cli_args
 
 CONFIGS = Path(__file__).resolve().parents[1] / "ravlt_pl" / "configs"
-CLS_CONFIGS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml") if "ImageNetDataModule" in p.read_text())
+CLS_CONFIGS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml")
+                     if "ImageNetDataModule" in p.read_text() and "finetune" not in p.parts)  # finetune: tests/tasks/test_finetune.py
 
 
 def test_bare_config_names_resolve_against_configs_dir(tmp_path, monkeypatch):
@@ -127,9 +128,10 @@ def test_every_published_config_states_gpu_precision_and_cudnn_autotuning():
     """TF32 for float32 matmuls everywhere; cuDNN autotuning where input sizes are fixed (not detection)."""
     import yaml
 
-    published = [p for p in CONFIGS.rglob("*.yaml") if "demo" not in p.parts]
+    published = [p for p in CONFIGS.rglob("*.yaml") if "demo" not in p.parts and "finetune" not in p.parts]
     assert len(published) == 4 + 14 + 7
-    for path in published:
+    for path in published + sorted(CONFIGS.glob("finetune/*.yaml")):  # the fine-tune recipes follow the same rule
         config = yaml.safe_load(path.read_text())
         assert config["model"]["init_args"]["float32_matmul_precision"] == "high", path
-        assert config["trainer"]["benchmark"] is ("det" not in path.parts), path
+        detection = "det" in path.parts or "DetectionTask" in config["model"]["class_path"]
+        assert config["trainer"]["benchmark"] is not detection, path

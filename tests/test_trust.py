@@ -61,14 +61,14 @@ def trained(synthetic_cls, tmp_path_factory) -> Path:
 
 
 # -- no pickled code runs -------------------------------------------------------------------------
-def test_malicious_pickle_never_runs_and_is_named(malicious, tmp_path):
+def test_malicious_pickle_never_runs_and_is_named(malicious, synthetic_cls, tmp_path):
     path, marker = malicious
     with pytest.raises(CheckpointError, match=rf"{path}: refused, it pickles the Python object posix\.system"):
         load_official(RAVLT(**TINY, num_classes=3), path)
     with pytest.raises(CheckpointError, match="posix.system"):  # analyze-rank --ckpt
         load_weights(build_model("ravlt_t", json.loads(TINY_ARGS)), path)
-    # --model.init_args.pretrained is loaded when the task is built, summary included.
-    message = error_of(["summary", "--config", "demo/cls.yaml", "--model.init_args.pretrained", str(path)])
+    # --model.init_args.pretrained is read when a fit starts from it.
+    message = error_of(run_args("fit", synthetic_cls, tmp_path / "run", "--model.init_args.pretrained", str(path)))
     assert message.startswith(f"error: {path}: refused") and "posix.system" in message and "\n" not in message
     message = error_of(["validate", "--config", "demo/cls.yaml", "--ckpt_path", str(path)])
     assert message.startswith(f"error: {path}: refused")

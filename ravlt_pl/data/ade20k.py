@@ -149,10 +149,12 @@ def eval_transform(scale: Sequence[int]) -> A.Compose:
 
 
 # -- files -----------------------------------------------------------------------------------------
-def read_label(path: Path, image_size: tuple[int, int], num_classes: int, reduce_zero_label: bool) -> np.ndarray:
+def read_label(path: Path, image_size: tuple[int, int], num_classes: int, reduce_zero_label: bool,
+               ignore_value: int = IGNORE_INDEX) -> np.ndarray:  # fmt: skip
     """Class indices (H, W) uint8 in 0..num_classes-1 or 255, checked against the image size (W, H).
 
     Labels are 8-bit by the ADE20K spec; a 16-bit PNG is accepted while its values fit in 8 bits.
+    ``ignore_value``: the file's value for "not labelled", read as 255 (ignore).
     """
     try:
         with Image.open(path) as img:
@@ -166,6 +168,8 @@ def read_label(path: Path, image_size: tuple[int, int], num_classes: int, reduce
             raise DatasetError(f"{path}: label value {int(label.max())} does not fit in 8 bits; ADE20K labels are "
                                "uint8 class indices (0 = other, 255 = ignore)")  # fmt: skip
         label = label.astype(np.uint8)
+    if ignore_value != IGNORE_INDEX:
+        label = np.where(label == ignore_value, np.uint8(IGNORE_INDEX), label)
     if label.shape[::-1] != tuple(image_size):
         raise DatasetError(
             f"{path}: label is {label.shape[1]}×{label.shape[0]} px but its image is "
@@ -201,8 +205,9 @@ class ADE20KDataset(AugmentedDataset):
     """
 
     def __init__(self, samples: Sequence[tuple[Path, Path]], transform: A.Compose, train: bool,
-                 num_classes: int, reduce_zero_label: bool) -> None:  # fmt: skip
+                 num_classes: int, reduce_zero_label: bool, ignore_value: int = IGNORE_INDEX) -> None:  # fmt: skip
         self.samples = list(samples)
+        self.ignore_value = ignore_value
         self.transform = transform
         self.train = train
         self.num_classes = num_classes
@@ -214,7 +219,8 @@ class ADE20KDataset(AugmentedDataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_path, label_path = self.samples[index]
         image = np.asarray(read_rgb(image_path))  # ADE has a few grayscale images: expanded to RGB
-        label = read_label(label_path, (image.shape[1], image.shape[0]), self.num_classes, self.reduce_zero_label)
+        label = read_label(label_path, (image.shape[1], image.shape[0]), self.num_classes, self.reduce_zero_label,
+                           self.ignore_value)  # fmt: skip
         if self.train:
             self.seed_transform()
             out = self.transform(image=image, mask=label)
@@ -270,12 +276,20 @@ class ADE20KDataModule(BaseDataModule):
     def _dataset(self, split: str, train: bool) -> ADE20KDataset:
         transform = (train_transform(self.scale, self.ratio_range, self.crop_size, self.cat_max_ratio)
                      if train else eval_transform(self.scale))  # fmt: skip
-        return ADE20KDataset(self.scan(split), transform, train, self.num_classes, self.reduce_zero_label)
+        return ADE20KDataset(self.scan(split), transform, train, self.num_classes, self.reduce_zero_label,
+                             self.ignore_value)  # fmt: skip
+
+    #: the label files' value for "not labelled" (read as 255, ignore)
+    ignore_value = IGNORE_INDEX
+
+    def split_dirs(self, split: str) -> tuple[Path, Path]:
+        """(image folder, label folder) of ``split``."""
+        folder = SPLIT_DIRS[split]
+        return self.root / "images" / folder, self.root / "annotations" / folder
 
     def scan(self, split: str) -> list[tuple[Path, Path]]:
-        """(image, label) pairs of a split; every image must have a label PNG of its size."""
-        folder = SPLIT_DIRS[split]
-        image_dir, label_dir = self.root / "images" / folder, self.root / "annotations" / folder
+        """(image, label) pairs of a split, paired by file stem; every image must have a label PNG of its size."""
+        image_dir, label_dir = self.split_dirs(split)
         for directory in (image_dir, label_dir):
             if not directory.is_dir():
                 raise DatasetError(f"{directory}: directory not found. {self.layout_hint}")
@@ -288,13 +302,19 @@ class ADE20KDataModule(BaseDataModule):
             label = label_dir / f"{image.stem}.png"
             if label.name not in labels:
                 raise DatasetError(f"{image}: no label file; expected {label}")
+            samples.append((image, label))
+        return self.checked_sizes(samples)
+
+    @staticmethod
+    def checked_sizes(samples: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
+        """``samples`` once every label is known to have its image's size (read from the headers)."""
+        for image, label in samples:
             image_size, label_size = header_size(image), header_size(label)
             if image_size != label_size:
                 raise DatasetError(
                     f"{label}: label is {label_size[0]}×{label_size[1]} px but its image {image.name} is "
                     f"{image_size[0]}×{image_size[1]}; a label must have its image's size"
                 )
-            samples.append((image, label))
         return samples
 
     def setup(self, stage: str | None = None) -> None:
@@ -302,11 +322,16 @@ class ADE20KDataModule(BaseDataModule):
         if stage in (None, "fit"):
             self.datasets["train"] = self._dataset("train", train=True)
         if stage in (None, "fit", "validate", "test"):
-            # ADE20K's test images have no public labels: ``test`` scores the validation split.
             self.datasets["val"] = self.datasets["test"] = self._dataset("val", train=False)
+        if stage == "test":
+            self.datasets["test"] = self.test_dataset()
         if stage == "predict":
-            folder = self.predict_dir or self.root / "images" / SPLIT_DIRS["val"]
+            folder = self.predict_dir or self.split_dirs("val")[0]
             self.datasets["predict"] = PredictFolder(folder, ImageOnly(eval_transform(self.scale)))
+
+    def test_dataset(self) -> ADE20KDataset:
+        """What ``test`` scores: ADE20K's test images have no public labels, so the validation split."""
+        return self.datasets["val"]
 
     def collate_fn(self, split: str) -> Callable | None:
         return None if split == "train" else collate_padded

@@ -38,13 +38,23 @@ class CocoSplit:
     annotations: dict[int, list[dict]]  # image id → the annotations this split uses
     category_ids: list[int]  # label → COCO category id (sorted ids)
     category_names: list[str]
+    paths: dict[int, Path]  # image id → its file
+    used_category_ids: set[int]  # the categories some annotation has
 
 
-def read_split(ann_file: Path, image_dir: Path, train: bool, with_masks: bool) -> CocoSplit:
+def box_only_hint(where: str) -> str:
+    """The refusal of box-only records by a mask detector, pointing at the box-only recipe."""
+    return (f"{where} has no polygon or RLE segmentation (a box-only export?); a mask detector needs masks: train "
+            "the box-only Faster R-CNN instead (configs/finetune/faster_rcnn.yaml)")
+
+
+def read_split(ann_file: Path, image_dir: Path, train: bool, with_masks: bool, by_name: bool = False) -> CocoSplit:
     """Read and check ``ann_file``; every problem is a :class:`DatasetError` naming file and record.
 
     ``train=True`` drops crowd objects and degenerate boxes (under 1 px, zero area, outside the
-    image; the official files have a few), and images left without annotations.
+    image; the official files have a few), and images left without annotations. ``by_name``: an
+    image is the file of its ``file_name``'s base name anywhere under ``image_dir`` (tools' exports
+    prefix it with their own folders); else ``file_name`` is a relative path inside ``image_dir``.
     """
     data = load_json(ann_file)
     name = ann_file.name
@@ -62,7 +72,7 @@ def read_split(ann_file: Path, image_dir: Path, train: bool, with_masks: bool) -
     images: dict[int, int] = {}
     for i, img in enumerate(data["images"]):
         file_name = img["file_name"]
-        if not isinstance(file_name, str) or Path(file_name).is_absolute() or ".." in Path(file_name).parts:
+        if not isinstance(file_name, str) or (not by_name and (Path(file_name).is_absolute() or ".." in Path(file_name).parts)):
             raise DatasetError(f"{name}: images[{i}] (id {img['id']}) has file_name {file_name!r}; it must be a "
                                f"relative path inside {image_dir} (not absolute, no '..')")  # fmt: skip
         if img["id"] in images:
@@ -85,6 +95,8 @@ def read_split(ann_file: Path, image_dir: Path, train: bool, with_masks: bool) -
         if box[2] < 0 or box[3] < 0:
             raise DatasetError(f"{where} has bbox {box}; width and height must be positive")
         if with_masks:
+            if ann["segmentation"] in ([], None, {}):
+                raise DatasetError(box_only_hint(where))
             check_segmentation(ann["segmentation"], data["images"][images[ann["image_id"]]], where)
         if train and ann.get("iscrowd", 0):
             continue
@@ -97,13 +109,15 @@ def read_split(ann_file: Path, image_dir: Path, train: bool, with_masks: bool) -
         log.warning("%s: dropped %d degenerate boxes (under 1 px, zero area or outside the image); "
                     "skipped %d of %d images without usable annotations",
                     ann_file, degenerate, len(images) - len(image_ids), len(images))  # fmt: skip
-    _check_image_files(image_dir, [data["images"][images[i]] for i in image_ids], images, name)
+    records = [data["images"][images[i]] for i in image_ids]
+    paths = _find_by_name(image_dir, records, images, name) if by_name else _check_image_files(image_dir, records, images, name)
+    used = {ann["category_id"] for ann in data["annotations"]}
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
     ids = sorted(categories)
-    return CocoSplit(ann_file, image_dir, coco, image_ids, annotations, ids, [categories[c] for c in ids])
+    return CocoSplit(ann_file, image_dir, coco, image_ids, annotations, ids, [categories[c] for c in ids], paths, used)
 
 
 def load_json(path: Path) -> dict:
@@ -125,7 +139,7 @@ def _is_degenerate(ann: dict, image: dict) -> bool:
     return w < 1 or h < 1 or ann.get("area", w * h) <= 0 or inside_w <= 0 or inside_h <= 0
 
 
-def _check_image_files(image_dir: Path, records: list[dict], index: dict[int, int], name: str) -> None:
+def _check_image_files(image_dir: Path, records: list[dict], index: dict[int, int], name: str) -> dict[int, Path]:
     if not image_dir.is_dir():
         raise DatasetError(f"{image_dir}: image folder not found (needed by {name})")
     present = set(os.listdir(image_dir))
@@ -134,6 +148,30 @@ def _check_image_files(image_dir: Path, records: list[dict], index: dict[int, in
         if file_name not in present and not (image_dir / file_name).is_file():
             raise DatasetError(f"{image_dir / file_name}: image file not found; {name} lists it as "
                                f"images[{index[img['id']]}] (id {img['id']})")  # fmt: skip
+    return {img["id"]: image_dir / img["file_name"] for img in records}
+
+
+def _find_by_name(image_dir: Path, records: list[dict], index: dict[int, int], name: str) -> dict[int, Path]:
+    """Image id → the file under ``image_dir`` (any depth) named as its ``file_name``'s base name
+    (``/`` or Windows ``\\`` separators); a missing or ambiguous name is refused."""
+    if not image_dir.is_dir():
+        raise DatasetError(f"{image_dir}: image folder not found (needed by {name})")
+    found: dict[str, Path] = {}
+    for directory, subdirs, files in os.walk(image_dir):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        for file in files:
+            if file in found:
+                raise DatasetError(f"{image_dir}: two images named {file} ({found[file]}, {Path(directory) / file}); "
+                                   f"{name} names images by base name")  # fmt: skip
+            found[file] = Path(directory) / file
+    paths = {}
+    for img in records:
+        base = img["file_name"].replace("\\", "/").rsplit("/", 1)[-1]
+        if base not in found:
+            raise DatasetError(f"{image_dir}: no image named {base} under it; {name} lists {img['file_name']!r} as "
+                               f"images[{index[img['id']]}] (id {img['id']})")  # fmt: skip
+        paths[img["id"]] = found[base]
+    return paths
 
 
 def check_segmentation(segmentation: Any, image: dict, where: str) -> None:

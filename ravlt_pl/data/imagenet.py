@@ -1,15 +1,21 @@
 """ImageNet-1k (or any ImageFolder tree): ``root/{train,val}/<class>/*.JPEG`` with the DeiT pipelines;
-WebDataset shards and Hugging Face parquet through the same pipelines (``format``, see ``formats.py``)."""
+WebDataset shards and Hugging Face parquet through the same pipelines (``format``, see ``formats.py``).
+
+A tree without ``val/`` holds out a seeded, stratified ``val_fraction`` of ``train/`` instead; the
+class count is the number of class folders unless ``num_classes`` is given (then checked).
+"""
 
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from timm.data import create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.datasets import ImageFolder
 
 from .base import BaseDataModule, DatasetInfo
@@ -23,22 +29,44 @@ def class_folders(split_dir: str | Path) -> list[str]:
 
 
 class ClassFolders(ImageFolder):
-    """torchvision's ImageFolder read with :func:`read_rgb`, blind to hidden folders and files."""
+    """torchvision's ImageFolder read with :func:`read_rgb` in display orientation (EXIF applied: the
+    class is what the labeller saw), blind to hidden folders and files."""
 
     def __init__(self, split_dir: Path, transform) -> None:
-        super().__init__(str(split_dir), transform, loader=read_rgb, is_valid_file=is_image_file)
+        loader = partial(read_rgb, exif_transpose=True)
+        super().__init__(str(split_dir), transform, loader=loader, is_valid_file=is_image_file)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes = class_folders(directory)
         return classes, {name: i for i, name in enumerate(classes)}
 
 
+def stratified_split(targets: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) indices: ``fraction`` of each class (at least one while the class keeps one for
+    training), drawn by ``seed``. Hand-written: torch's ``random_split`` is not stratified."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, target in enumerate(targets):
+        by_class.setdefault(target, []).append(index)
+    train, val = [], []
+    for indices in by_class.values():
+        order = rng.permutation(indices).tolist()
+        count = min(max(1, round(fraction * len(order))), len(order) - 1)
+        val += order[:count]
+        train += order[count:]
+    return sorted(train), sorted(val)
+
+
 class ImageNetDataModule(BaseDataModule):
     """ImageFolder classification data with the published DeiT augmentation.
 
     Args:
-        root: directory holding ``train/`` and ``val/``, one sub-folder per class.
-        num_classes: class folders expected (1000 for ImageNet-1k); checked against the tree.
+        root: directory holding ``train/`` and ``val/`` (or ``train/`` alone, with ``val_fraction``), one
+            sub-folder per class; ``test`` reads ``test/`` when there is one, else the validation images.
+        num_classes: class folders expected (1000 for ImageNet-1k), checked against the tree; ``None``:
+            the number of class folders in ``train/`` (the task gets it through the CLI link).
+        val_fraction: without ``val/``, the share of each class of ``train/`` held out for validation.
+        split_seed: seed of the ``val_fraction`` draw (the same seed gives the same split).
         image_size: training crop and evaluation size.
         crop_pct: evaluation centre-crop fraction (resize to ``image_size / crop_pct`` first).
         crop_scale: area range of the training RandomResizedCrop.
@@ -61,7 +89,7 @@ class ImageNetDataModule(BaseDataModule):
     def __init__(
         self,
         root: str | Path = "data/imagenet",
-        num_classes: int = 1000,
+        num_classes: int | None = None,
         image_size: int = 224,
         crop_pct: float = 0.875,
         crop_scale: tuple[float, float] = (0.08, 1.0),
@@ -72,10 +100,16 @@ class ImageNetDataModule(BaseDataModule):
         repeated_aug: bool = False,
         format: Literal["auto", "folder", "wds", "parquet"] = "auto",
         shuffle_buffer: int = 2048,
+        val_fraction: float | None = None,
+        split_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(root, **kwargs)
-        self.num_classes = num_classes
+        if val_fraction is not None and not 0 < val_fraction < 1:
+            raise ValueError(f"data.init_args.val_fraction must be in (0, 1), got {val_fraction}")
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.format = format
+        self.num_classes = num_classes if num_classes is not None else self._count_classes()
         self.image_size = image_size
         self.crop_pct = crop_pct
         self.crop_scale = tuple(crop_scale)
@@ -84,14 +118,28 @@ class ImageNetDataModule(BaseDataModule):
         self.color_jitter = color_jitter
         self.reprob = reprob
         self.repeated_aug = repeated_aug
-        self.format = format
         self.shuffle_buffer = shuffle_buffer
 
+    def _count_classes(self) -> int:
+        """The class count of the data: class folders, or the class names stored with shards / parquet."""
+        data_format = self.data_format()
+        if data_format == "folder":
+            return len(self._classes("train", check_root=True))
+        from .formats import open_layout
+
+        names = open_layout(self.root, data_format, ()).class_names
+        if not names:
+            raise DatasetError(f"{self.root}: the {data_format} data stores no class names; set --data.init_args.num_classes")
+        return len(names)
+
     # -- validation of the tree -------------------------------------------------------------------
-    def _classes(self, split: str) -> list[str]:
+    def _classes(self, split: str, check_root: bool = False) -> list[str]:
+        if check_root:
+            self.check_root()
         folder = self.root / split
         if not folder.is_dir():
-            raise DatasetError(f"{folder}: split folder missing. {self.layout_hint}")
+            hint = " Without val/, --data.init_args.val_fraction 0.1 holds out a tenth of train/." if split == "val" else ""
+            raise DatasetError(f"{folder}: split folder missing. {self.layout_hint}{hint}")
         classes = class_folders(folder)
         if not classes:
             raise DatasetError(f"{folder}: no class sub-folders. {self.layout_hint}")
@@ -106,8 +154,13 @@ class ImageNetDataModule(BaseDataModule):
         if len(train) != self.num_classes:
             raise DatasetError(
                 f"{self.root / 'train'}: {len(train)} class folders but num_classes is {self.num_classes}; "
-                f"set --data.init_args.num_classes {len(train)} for this dataset"
+                f"set --data.init_args.num_classes {len(train)} for this dataset (or leave it out: it is counted)"
             )
+        if self.val_fraction is not None:
+            if (self.root / "val").is_dir():
+                raise DatasetError(f"{self.root / 'val'}: a val/ folder and val_fraction {self.val_fraction} both "
+                                   "give a validation set; remove --data.init_args.val_fraction or the folder")  # fmt: skip
+            return train
         val = self._classes("val")
         if val != train:
             extra, absent = sorted(set(val) - set(train)), sorted(set(train) - set(val))
@@ -140,16 +193,33 @@ class ImageNetDataModule(BaseDataModule):
             return setup_stream(self, self.data_format(), stage)
         if stage == "predict":
             folder = self.predict_dir or self.root / "val"
-            self.datasets["predict"] = PredictFolder(folder, self.transform(train=False), recursive=True)
+            self.datasets["predict"] = PredictFolder(folder, self.transform(train=False), recursive=True,
+                                                    exif_transpose=True)
             # Class names for the predictions when the tree is at hand, else the label numbers.
             has_tree = (self.root / "train").is_dir()
             names = self._classes("train") if has_tree else [str(i) for i in range(self.num_classes)]
             self._info = DatasetInfo(tuple(names))
             return
         self._info = DatasetInfo(tuple(self._check_tree()))
-        if stage == "fit":
-            self.datasets["train"] = ClassFolders(self.root / "train", self.transform(True))
-        self.datasets["val"] = self.datasets["test"] = ClassFolders(self.root / "val", self.transform(False))
+        if self.val_fraction is None:
+            if stage == "fit":
+                self.datasets["train"] = ClassFolders(self.root / "train", self.transform(True))
+            self.datasets["val"] = ClassFolders(self.root / "val", self.transform(False))
+        else:
+            evaluated = ClassFolders(self.root / "train", self.transform(False))
+            train, val = stratified_split(evaluated.targets, self.val_fraction, self.split_seed)
+            if stage == "fit":
+                self.datasets["train"] = Subset(ClassFolders(self.root / "train", self.transform(True)), train)
+            self.datasets["val"] = Subset(evaluated, val)
+        self.datasets["test"] = self._test_dataset() if stage == "test" else self.datasets["val"]
+
+    def _test_dataset(self) -> Dataset:
+        """``test/`` when the tree has one (its classes those of ``train/``), else the validation images."""
+        if not (self.root / "test").is_dir():
+            return self.datasets["val"]
+        if self._classes("test") != list(self.info.class_names):
+            raise DatasetError(f"{self.root / 'test'}: class folders differ from train/")
+        return ClassFolders(self.root / "test", self.transform(False))
 
     def _dataloader_factory(self, split: str) -> DataLoader:
         from .streams import ShardStream

@@ -1,4 +1,10 @@
-"""Image files: the one reader (RGB, 16-bit aware, errors naming the file), the suffixes, predict folders."""
+"""Image files: the one reader (RGB, 16-bit aware, errors naming the file), the suffixes, predict folders.
+
+EXIF orientation, per task, the same in train, eval and predict: classification applies it (the class
+is what a person saw; a rotated photo is still a cat), detection and segmentation ignore it, as
+pycocotools and torchvision's ``CocoDetection`` do: COCO boxes, polygons and label masks refer to the
+stored pixels, which a rotation would no longer match.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -27,14 +33,17 @@ def is_image_file(path: str | Path) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
 
 
-def read_rgb(path: str | Path) -> Image.Image:
+def read_rgb(path: str | Path, exif_transpose: bool = False) -> Image.Image:
     """The image at ``path`` as 8-bit RGB; every failure is a :class:`DatasetError` naming the file.
 
+    ``exif_transpose``: turn it as its EXIF orientation tag says (as displayed); else the stored pixels.
     16-bit grayscale keeps its top 8 bits (Pillow's own ``convert`` clips it to 255: all white);
     32-bit integer and float images have no agreed 8-bit mapping and are refused.
     """
     try:
         with Image.open(path) as image:
+            if exif_transpose:
+                image = ImageOps.exif_transpose(image)
             mode = image.mode
             if mode in SIXTEEN_BIT_MODES:
                 top_bits = (np.asarray(image) >> 8).astype(np.uint8)  # (H, W)
@@ -63,9 +72,11 @@ class PredictFolder(Dataset):
 
     Items: ``image`` (``transform`` of the RGB image, a torchvision-style callable on PIL images),
     ``path`` (str), ``index`` (the position in the sorted listing) and ``orig_size`` (H, W).
+    ``exif_transpose``: as :func:`read_rgb` (the task's training orientation).
     """
 
-    def __init__(self, folder: str | Path, transform: Callable[[Image.Image], Any], recursive: bool = False) -> None:
+    def __init__(self, folder: str | Path, transform: Callable[[Image.Image], Any], recursive: bool = False,
+                 exif_transpose: bool = False) -> None:  # fmt: skip
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise DatasetError(f"{self.folder}: folder of images to predict not found; set --data.init_args.predict_dir")
@@ -73,13 +84,14 @@ class PredictFolder(Dataset):
         if not self.files:
             raise DatasetError(f"{self.folder}: no images ({', '.join(IMAGE_SUFFIXES)}) to predict")
         self.transform = transform
+        self.exif_transpose = exif_transpose
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[index]
-        image = read_rgb(path)
+        image = read_rgb(path, self.exif_transpose)
         return {"image": self.transform(image), "path": str(path), "index": index, "orig_size": (image.height, image.width)}
 
 
@@ -108,3 +120,13 @@ def collate_padded(batch: list[dict[str, Any]]) -> dict[str, Any]:
     out["image"] = torch.stack([F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2])) for x in images])
     out["size"] = [tuple(x.shape[-2:]) for x in images]
     return out
+
+
+def displayed_size(path: str | Path) -> tuple[int, int] | None:
+    """(W, H) as displayed when the file's EXIF orientation turns it by 90°, else ``None``."""
+    try:
+        with Image.open(path) as image:
+            orientation = image.getexif().get(0x0112, 1)  # the EXIF Orientation tag
+            return (image.height, image.width) if orientation in (5, 6, 7, 8) else None
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None

@@ -1,4 +1,5 @@
-"""Small synthetic datasets in the real ImageNet / COCO / ADE20K on-disk formats.
+"""Small synthetic datasets in the real ImageNet / COCO / ADE20K on-disk formats (and, for the
+fine-tuning examples, COCO as Roboflow / Label Studio / CVAT export it, and plain image + mask folders).
 
 Scenes show a few shape classes (:data:`SHAPES`) with random colour, size, aspect,
 rotation and position on a noisy colour-gradient background. Every shape is a polygon
@@ -236,6 +237,76 @@ def make_segmentation(out: str | Path, *, num_train: int = 200, num_val: int = 5
                 img.save(ade / "images" / folder / f"{stem}.jpg", quality=90)
                 Image.fromarray(label_map, mode="L").save(ade / "annotations" / folder / f"{stem}.png")
     return Path(out) / "ADEChallengeData2016"
+
+
+def make_detection_export(out: str | Path, tool: str, *, box_only: bool = False, overwrite: bool = False,
+                          **kwargs) -> Path:  # fmt: skip
+    """The :func:`make_detection` set as a labelling tool exports it (what :mod:`.coco_layouts` reads):
+
+    - ``roboflow``: ``{train,valid}/_annotations.coco.json`` beside the images, categories renumbered
+      1..5 under a placeholder category 0 named after the dataset (their supercategory);
+    - ``label_studio``: one ``result.json`` (every image) + ``images/``, ``file_name`` ``images\\<name>``
+      (Windows separators, as it writes them), category ids from 0;
+    - ``cvat``: one ``annotations/instances_default.json`` + ``images/default/``.
+
+    ``box_only``: ``segmentation: []`` everywhere, crowds made plain (a box-only export).
+    """
+    with _staging(out, overwrite) as root:
+        coco = make_detection(root / ".coco", **kwargs)
+        splits = {split: json.loads((coco / "annotations" / f"instances_{split}2017.json").read_text())
+                  for split in ("train", "val")}  # fmt: skip
+        for data in splits.values():
+            for ann in data["annotations"] if box_only else ():
+                ann.update(segmentation=[], iscrowd=0)
+        shift = {"roboflow": {c: i + 1 for i, c in enumerate(COCO_CATEGORY_IDS)},
+                 "label_studio": {c: i for i, c in enumerate(COCO_CATEGORY_IDS)},
+                 "cvat": {c: c for c in COCO_CATEGORY_IDS}}[tool]  # fmt: skip
+        for data in splits.values():
+            for ann in data["annotations"]:
+                ann["category_id"] = shift[ann["category_id"]]
+            data["categories"] = [dict(c, id=shift[c["id"]], supercategory="shapes") for c in data["categories"]]
+        if tool == "roboflow":
+            for split, folder in (("train", "train"), ("val", "valid")):
+                data = splits[split]
+                data["categories"].insert(0, {"id": 0, "name": "shapes", "supercategory": "none"})
+                os.replace(coco / f"{split}2017", root / folder)
+                (root / folder / "_annotations.coco.json").write_text(json.dumps(data))
+        else:
+            merged = dict(splits["train"], images=splits["train"]["images"] + splits["val"]["images"],
+                          annotations=splits["train"]["annotations"] + splits["val"]["annotations"])
+            images = root / "images" / ("default" if tool == "cvat" else "")
+            images.mkdir(parents=True)
+            for split in ("train", "val"):
+                for file in (coco / f"{split}2017").iterdir():
+                    os.replace(file, images / file.name)
+            if tool == "label_studio":
+                for image in merged["images"]:
+                    image["file_name"] = "images\\" + image["file_name"]
+                (root / "result.json").write_text(json.dumps(merged))
+            else:
+                (root / "annotations").mkdir()
+                (root / "annotations" / "instances_default.json").write_text(json.dumps(merged))
+        shutil.rmtree(coco)
+    return Path(out)
+
+
+def make_mask_folders(out: str | Path, *, overwrite: bool = False, **kwargs) -> Path:
+    """The :func:`make_segmentation` set as plain folders: ``images/{train,val}/*.jpg``,
+    ``masks/{train,val}/*.png`` (0 background, shape k → k + 1, a 2 px border of 255 = not labelled)
+    and ``classes.txt`` (background and the shape names, one per line)."""
+    with _staging(out, overwrite) as root:
+        ade = make_segmentation(root / ".ade", **kwargs)
+        (root / "images").mkdir()
+        for split, folder in (("train", "training"), ("val", "validation")):
+            os.replace(ade / "images" / folder, root / "images" / split)
+            (root / "masks" / split).mkdir(parents=True)
+            for mask in sorted((ade / "annotations" / folder).iterdir()):
+                label = np.array(Image.open(mask))
+                label[:2], label[-2:], label[:, :2], label[:, -2:] = 255, 255, 255, 255
+                Image.fromarray(label, mode="L").save(root / "masks" / split / mask.name)
+        (root / "classes.txt").write_text("\n".join(("background", *SHAPES)) + "\n")
+        shutil.rmtree(root / ".ade")
+    return Path(out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -15,9 +15,11 @@ from torch import nn
 from torch.optim import AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from timm.models import group_parameters
+
 from ..callbacks import check_checkpoint_compatible
 from ..ema import EMA
-from ..models import load_official
+from ..models import RAVLT, load_official
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +28,30 @@ log = logging.getLogger(__name__)
 NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 
 
-def param_groups(model: nn.Module, exempt: Sequence[str]) -> list[dict]:
-    """AdamW groups: parameters that decay, and those ``exempt`` names with weight decay 0.
+def layer_scales(model: nn.Module, layer_decay: float) -> dict[int, float]:
+    """``id(parameter) → lr scale`` by timm's layer-wise decay rule (BEiT, ConvNeXt, Swin fine-tuning):
+    ``layer_decay ** (last - layer)``, layers from RAVLT's ``group_matcher`` (stem 0, one per block,
+    the final norm/projection/head last, as timm's ``param_groups_layer_decay``); every parameter
+    outside the RAVLT (an FPN, a decode head) has scale 1."""
+    backbone = find_backbone(model)
+    layer_of = group_parameters(backbone, backbone.group_matcher(coarse=False), reverse=True)
+    last = max(layer_of.values())
+    scales = {id(p): 1.0 for p in model.parameters()}
+    scales.update({id(p): layer_decay ** (last - layer_of.get(n, last)) for n, p in backbone.named_parameters()})
+    return scales
+
+
+def find_backbone(model: nn.Module) -> RAVLT:
+    """The RAVLT inside a task's network (the network itself for a classifier)."""
+    backbone = next((m for m in model.modules() if isinstance(m, RAVLT)), None)
+    if backbone is None:
+        raise ValueError(f"{type(model).__name__} holds no RAVLT backbone")
+    return backbone
+
+
+def param_groups(model: nn.Module, exempt: Sequence[str], layer_decay: float | None = None) -> list[dict]:
+    """AdamW groups: parameters that decay, and those ``exempt`` names with weight decay 0; with
+    ``layer_decay``, one such pair per lr scale (``lr_scale``, see :func:`layer_scales`).
 
     An entry of ``exempt`` is ``"1d"``, every parameter of at most one dimension and every bias
     (timm's ``create_optimizer`` rule that DeiT trains with: RAVLT's layer-scale gammas are
@@ -40,27 +64,34 @@ def param_groups(model: nn.Module, exempt: Sequence[str]) -> list[dict]:
     in_norm_layers = set()
     if "norm_layers" in exempt:
         in_norm_layers = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
-    decay, no_decay = [], []
+    scales = layer_scales(model, layer_decay) if layer_decay is not None else {}
+    groups: dict[tuple[float, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         one_dim = "1d" in exempt and (param.ndim <= 1 or name.rsplit(".", 1)[-1] == "bias")
         exempted = one_dim or id(param) in in_norm_layers or any(key in name for key in keys)
-        (no_decay if exempted else decay).append(param)
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
+        scale = scales.get(id(param), 1.0)
+        group = groups.setdefault((-scale, exempted), {"params": [], **({"weight_decay": 0.0} if exempted else {}),
+                                                         **({"lr_scale": scale} if layer_decay is not None else {})})
+        group["params"].append(param)
+    return [groups[key] for key in sorted(groups)]
 
 
 def build_optimizer(
-    factory: OptimizerCallable, model: nn.Module, exempt: Sequence[str], device: torch.device
+    factory: OptimizerCallable, model: nn.Module, exempt: Sequence[str], device: torch.device,
+    layer_decay: float | None = None,
 ) -> Optimizer:
-    """``factory`` on :func:`param_groups`; on CUDA, torch's Adam/AdamW/SGD that the config leaves at
-    ``fused=None`` (and ``foreach`` unset) get their fused kernel: one launch per step for all parameters."""
-    optimizer = factory(param_groups(model, exempt))
+    """``factory`` on :func:`param_groups`, each group's lr times its ``lr_scale``; on CUDA, torch's
+    Adam/AdamW/SGD that the config leaves at ``fused=None`` (and ``foreach`` unset) get their fused
+    kernel: one launch per step for all parameters."""
+    optimizer = factory(param_groups(model, exempt, layer_decay))
     defaults = optimizer.defaults
     if device.type == "cuda" and "fused" in defaults and defaults["fused"] is None and not defaults.get("foreach"):
         # Anew, on new groups: the first optimizer wrote its defaults (fused None) into its group dicts.
-        optimizer = factory(param_groups(model, exempt), fused=True)
+        optimizer = factory(param_groups(model, exempt, layer_decay), fused=True)
+    for group in optimizer.param_groups:  # before the schedule records each group's initial lr
+        group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
     return optimizer
 
 
@@ -68,7 +99,9 @@ class WarmupSchedule(LambdaLR):
     """Per-step linear warmup, then ``cosine``, ``step`` (×gamma at epoch milestones), ``poly`` or ``constant``.
 
     ``total_steps`` and ``steps_per_epoch`` are filled in by the task from the trainer; configs set
-    the shape: ``warmup_steps`` or ``warmup_epochs``, ``decay``, ``milestones``, ``power``.
+    the shape: ``warmup_steps``, ``warmup_epochs`` or ``warmup_fraction`` (of the run's optimizer
+    steps: the same recipe for 500 or 500k images; the longest of the three applies), ``decay``,
+    ``milestones``, ``power``.
     """
 
     def __init__(
@@ -77,6 +110,7 @@ class WarmupSchedule(LambdaLR):
         decay: Literal["cosine", "step", "poly", "constant"] = "cosine",
         warmup_steps: int = 0,
         warmup_epochs: float = 0.0,
+        warmup_fraction: float = 0.0,
         warmup_start_factor: float = 1e-3,
         min_lr_ratio: float = 0.0,
         milestones: Sequence[int] = (),
@@ -86,7 +120,8 @@ class WarmupSchedule(LambdaLR):
         steps_per_epoch: int = 1,
     ) -> None:
         self.decay = decay
-        self.warmup = max(int(warmup_steps), int(round(warmup_epochs * steps_per_epoch)))
+        self.warmup = max(int(warmup_steps), int(round(warmup_epochs * steps_per_epoch)),
+                          int(round(warmup_fraction * total_steps)))  # fmt: skip
         self.start_factor = warmup_start_factor
         self.min_lr_ratio = min_lr_ratio
         self.milestone_steps = sorted(int(m) * steps_per_epoch for m in milestones)
@@ -124,7 +159,16 @@ class BaseTask(LightningModule):
         scheduler: learning-rate schedule, stepped per optimizer step.
         ema_decay: decay of the weight EMA per 512 training images, raised to (images per optimizer
             step / 512) for each step, as the authors derive it (see :mod:`ravlt_pl.ema`); ``None``: no EMA.
+        ema_horizon: instead of ``ema_decay``, the EMA's horizon as a fraction of the run's optimizer
+            steps: decay per step ``1 - 1 / (ema_horizon × steps)``, so that a fine-tune of 200 steps
+            and one of 200k average over the same share of their run.
         pretrained: checkpoint to initialise the backbone from (the authors' release or a state dict).
+            Read when a ``fit`` starts from it (not on a resume: the checkpoint holds the weights) and
+            by ``validate``/``test``/``predict`` without ``--ckpt_path``; never when the task is built.
+        freeze_backbone: train everything but the RAVLT backbone (a linear probe for a classifier,
+            whose head still trains); its BatchNorm statistics stay fixed too.
+        layer_decay: layer-wise lr decay: each RAVLT block's lr × ``layer_decay ** (blocks after it)``
+            (timm's ``layer_decay``, see :func:`layer_scales`); ``None``: one lr.
         report_dir: where ``validate``/``test``/``predict`` write reports (default: the run's log dir).
         weight_decay_exempt: parameters trained without weight decay: ``"1d"`` (every parameter of at
             most one dimension and every bias) and/or parameter-name substrings (see :func:`param_groups`);
@@ -150,6 +194,9 @@ class BaseTask(LightningModule):
         report_dir: str | None = None,
         weight_decay_exempt: list[str] | None = None,
         float32_matmul_precision: Literal["highest", "high", "medium"] | None = None,
+        ema_horizon: float | None = None,
+        freeze_backbone: bool = False,
+        layer_decay: float | None = None,
     ) -> None:
         super().__init__()
         # Here, not in the subclasses: the frames of both __init__ are read, so every argument is recorded
@@ -164,7 +211,15 @@ class BaseTask(LightningModule):
         self.weight_decay_exempt = (
             list(self.default_weight_decay_exempt) if weight_decay_exempt is None else list(weight_decay_exempt)
         )
-        self.ema = EMA(ema_decay) if ema_decay else None
+        if ema_decay and ema_horizon:
+            raise ValueError("set model.init_args.ema_decay or ema_horizon, not both")
+        if ema_horizon is not None and not 0 < ema_horizon <= 1:
+            raise ValueError(f"model.init_args.ema_horizon is a fraction of the run's steps in (0, 1], got {ema_horizon}")
+        if layer_decay is not None and not 0 < layer_decay <= 1:
+            raise ValueError(f"model.init_args.layer_decay must be in (0, 1], got {layer_decay}")
+        self.ema_horizon, self.freeze_backbone, self.layer_decay = ema_horizon, freeze_backbone, layer_decay
+        self.ema = EMA(ema_decay or 0.5) if ema_decay or ema_horizon else None  # a horizon sets the decay at train start
+        self._pretrained_pending = False
 
     def configure_callbacks(self):
         return [self.ema] if self.ema is not None else []
@@ -175,6 +230,39 @@ class BaseTask(LightningModule):
         if self.pretrained:
             report = load_official(backbone, self.pretrained, exclude=exclude)
             log.info("pretrained backbone: %s", report)
+
+    def load_pretrained(self) -> None:
+        """Initialise the network from ``self.pretrained``; each task loads into its own part."""
+        self.load_pretrained_backbone(self.model)
+
+    # -- when pretrained weights are read ----------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        self._pretrained_pending = bool(self.pretrained)  # until a checkpoint brings the weights instead
+
+    def _load_pending_pretrained(self) -> None:
+        """Read ``pretrained`` once per run when no checkpoint was restored; the EMA restarts from it."""
+        if not self._pretrained_pending:
+            return
+        self._pretrained_pending = False
+        self.load_pretrained()
+        averaged = self.ema.averaged if self.ema is not None else None
+        if averaged is not None:
+            averaged.module.load_state_dict(self.model.state_dict())
+
+    def on_validation_start(self) -> None:
+        self._load_pending_pretrained()
+
+    def on_test_start(self) -> None:
+        self._load_pending_pretrained()
+
+    def on_predict_start(self) -> None:
+        self._load_pending_pretrained()
+
+    def train(self, mode: bool = True) -> "BaseTask":
+        super().train(mode)
+        if mode and self.freeze_backbone:  # a frozen backbone keeps its BatchNorm statistics
+            find_backbone(self.model).eval()
+        return self
 
     def flops_forward(self, images: torch.Tensor):
         """The inference forward whose FLOPs ``summary`` counts (one image, eval mode)."""
@@ -187,7 +275,9 @@ class BaseTask(LightningModule):
             self.ema.save_to(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint of another config with what differs, not a size-mismatch traceback."""
+        """Refuse a checkpoint of another config with what differs, not a size-mismatch traceback.
+        Its weights replace ``pretrained``, which is then not read."""
+        self._pretrained_pending = False
         trainer = self._trainer
         source = str(trainer.ckpt_path) if trainer is not None and trainer.ckpt_path else "checkpoint"
         if self.ema is not None:
@@ -196,11 +286,23 @@ class BaseTask(LightningModule):
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.optimizer, self.model, self.weight_decay_exempt, self.device)
+        self._load_pending_pretrained()  # a fit's start: after a resume's restore, before the EMA copies the model
+        if self.freeze_backbone:
+            backbone = find_backbone(self.model)
+            head = backbone.get_classifier() if backbone.out_indices is None else None
+            backbone.requires_grad_(False)
+            if isinstance(head, nn.Module):
+                head.requires_grad_(True)
+        optimizer = build_optimizer(self.optimizer, self.model, self.weight_decay_exempt, self.device, self.layer_decay)
         total = int(self.trainer.estimated_stepping_batches)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         scheduler = self.scheduler(optimizer, total_steps=total, steps_per_epoch=max(total // epochs, 1))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        if self.ema_horizon is not None:  # after the EMA's own on_train_start (callbacks run first)
+            steps = max(int(self.trainer.estimated_stepping_batches), 1)
+            self.ema.step_decay = 1 - 1 / max(self.ema_horizon * steps, 1.0)
 
     # -- reports ----------------------------------------------------------------------------------
     @property

@@ -40,7 +40,7 @@ class ClassificationTask(BaseTask):
         mixup_prob: probability of applying mixup or cutmix to a batch.
         mixup_switch_prob: probability of cutmix instead of mixup when both are on.
         label_smoothing: label smoothing of the (mixed) targets.
-        image_size: input side used by ``summary`` for FLOPs.
+        image_size: input side used by ``summary`` for FLOPs; linked from ``data.image_size`` (one key for both).
         **kwargs: the :class:`~ravlt_pl.tasks.base.BaseTask` arguments (``optimizer``, ``scheduler``,
             ``ema_decay``, ``pretrained``, ``report_dir``, ``weight_decay_exempt``,
             ``float32_matmul_precision``). Here ``pretrained`` initialises all but the head, the
@@ -68,7 +68,6 @@ class ClassificationTask(BaseTask):
         super().__init__(**kwargs)
         extra = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
         self.model = build_backbone(variant, backbone_overrides, num_classes=num_classes, **extra)
-        self.load_pretrained_backbone(self.model)
         self.mixup = (
             Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
                   label_smoothing=label_smoothing, num_classes=num_classes)

@@ -86,9 +86,7 @@ class DetectionTask(BaseTask):
         if callable(self.hparams.detector):  # built in Python, not from a config: checkpoints keep its name only
             self.hparams.detector = class_spec(detector)
         self.model = detector(num_classes)
-        self.released_source = self.load_pretrained_whole(pretrained_parts)
-        if self.released_source is None:
-            self.load_pretrained_backbone(self.model.backbone.body)
+        self.released_source: str | None = None  # the released detector file loaded whole, if one was
         self.label_offset: int = self.model.label_offset
         self.iou_types: tuple[str, ...] = tuple(self.model.iou_types)
         if headline.split("_")[0] not in self.iou_types:
@@ -98,6 +96,12 @@ class DetectionTask(BaseTask):
         self.metrics = nn.ModuleDict({stage: coco_metric(self.iou_types) for stage in ("val", "test")})
         self._results: list[dict] = []  # COCO-format detections of the epoch being reported
         self._drawn: list[tuple[Tensor, dict, dict]] = []  # (image, ground truth, detections) to draw
+
+    def load_pretrained(self) -> None:
+        """The whole detector from an authors' released file whose heads fit, else the backbone."""
+        self.released_source = self.load_pretrained_whole(self.hparams.pretrained_parts)
+        if self.released_source is None:
+            self.load_pretrained_backbone(self.model.backbone.body)
 
     # -- inference ---------------------------------------------------------------------------------
     def forward(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:

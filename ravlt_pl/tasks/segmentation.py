@@ -166,14 +166,15 @@ class SegmentationTask(BaseTask):
     def flops_forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_decode(images)
 
-    def setup(self, stage: str) -> None:
-        # A checkpoint given by --ckpt_path (a resumed run, validate of our own) is restored after this.
-        if self._released_parts is None and self.pretrained and not self.hparams.pretrained_backbone_only:
-            self._released_parts = load_released_segmentor(self.model, self.pretrained)
-            if self._released_parts:
-                rank_zero_info(f"pretrained: {self.pretrained}: the authors' released {type(self.model).__name__}, "
-                               f"every tensor of {', '.join(self._released_parts)}")  # fmt: skip
-        if stage == "fit" and not self._released_parts:
+    def load_pretrained(self) -> None:
+        """The whole segmentor from an authors' released file (unless ``pretrained_backbone_only``), else the backbone."""
+        self._released_parts = [] if self.hparams.pretrained_backbone_only else load_released_segmentor(
+            self.model, self.pretrained
+        )
+        if self._released_parts:
+            rank_zero_info(f"pretrained: {self.pretrained}: the authors' released {type(self.model).__name__}, "
+                           f"every tensor of {', '.join(self._released_parts)}")  # fmt: skip
+        else:
             self.load_pretrained_backbone(self.model.backbone)
 
     def weights_source(self, ema: bool = False) -> str:

@@ -128,3 +128,42 @@ def test_corrupt_image_mid_epoch_raises_one_line_naming_the_file_from_a_worker(s
     message = str(caught.value)
     assert message.startswith(f"{bad}: cannot be read as an image") and "\n" not in message
     assert "Traceback" in caught.value.worker_traceback
+
+
+def test_num_classes_left_out_is_the_class_folders(synthetic_cls):
+    dm = ImageNetDataModule(root=synthetic_cls, image_size=32, batch_size=2)
+    assert dm.num_classes == 5
+
+
+def test_without_val_a_seeded_stratified_fraction_validates(synthetic_cls, tmp_path):
+    root = _copy(synthetic_cls, tmp_path)
+    shutil.rmtree(root / "val")
+    dm = _dm(root, val_fraction=0.4, split_seed=3)
+    dm.setup("fit")
+    train, val = dm.datasets["train"], dm.datasets["val"]
+    labels = [val.dataset.targets[i] for i in val.indices]
+    assert sorted(set(labels)) == [0, 1, 2, 3, 4] and len(labels) == 5 * round(0.4 * len(train.indices + val.indices) / 5)
+    assert not set(train.indices) & set(val.indices)
+    again = _dm(root, val_fraction=0.4, split_seed=3)
+    again.setup("validate")
+    assert again.datasets["val"].indices == val.indices  # the same seed, the same split
+    with pytest.raises(DatasetError, match=r"set/val: split folder missing.*--data.init_args.val_fraction 0.1"):
+        _dm(root).setup("fit")
+
+
+def test_val_fraction_beside_a_val_folder_is_refused(synthetic_cls):
+    with pytest.raises(DatasetError, match="a val/ folder and val_fraction 0.2 both give a validation set"):
+        _dm(synthetic_cls, val_fraction=0.2).setup("fit")
+
+
+def test_classification_reads_images_as_displayed(tmp_path):
+    from PIL import Image
+
+    from ravlt_pl.data.images import read_rgb
+
+    image = Image.new("RGB", (40, 20))
+    exif = image.getexif()
+    exif[0x0112] = 6  # turned 90° for display
+    image.save(tmp_path / "turned.jpg", exif=exif)
+    assert read_rgb(tmp_path / "turned.jpg").size == (40, 20)  # detection, segmentation: stored pixels
+    assert read_rgb(tmp_path / "turned.jpg", exif_transpose=True).size == (20, 40)

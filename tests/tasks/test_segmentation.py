@@ -130,7 +130,7 @@ def test_pretrained_classification_weights_reach_the_backbone(tmp_path: Path) ->
     task = SegmentationTask(num_classes=3, backbone_overrides=TINY, pretrained=str(tmp_path / "cls.pth"))
     key = "layers.2.blocks.0.attn.qkvo.weight"
     assert not torch.equal(task.model.backbone.state_dict()[key], classifier.state_dict()[key])
-    task.setup("fit")
+    task.load_pretrained()  # what a fit does when it starts (tests/tasks/test_finetune.py runs that)
     assert torch.equal(task.model.backbone.state_dict()[key], classifier.state_dict()[key])
 
 

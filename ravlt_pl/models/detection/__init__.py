@@ -1,4 +1,4 @@
-"""Detection on RAVLT with torchvision: FPN adapter, RetinaNet / Mask R-CNN / Cascade Mask R-CNN, cascade RoI heads."""
+"""Detection on RAVLT with torchvision: FPN adapter, RetinaNet / Faster R-CNN / Mask R-CNN / Cascade Mask R-CNN, cascade RoI heads."""
 
 from .backbone import RAVLTWithFPN, ravlt_fpn
 from .cascade import CascadeBoxPredictor, CascadeMaskRCNN, CascadeRoIHeads, conv_fc_box_head
@@ -6,11 +6,12 @@ from .rcnn_rules import DeltaXYWHCoder, MmdetAnchorGenerator, MmdetRoIAlign, Mmd
 from .detectors import (
     PresizedTransform, RAVLTCascadeMaskRCNN, RAVLTMaskRCNN, anchors, dummy_forward, rescale_detections,
 )  # fmt: skip
+from .faster_rcnn import RAVLTFasterRCNN
 from .retinanet import RAVLTRetinaNet
 
 __all__ = [
     "RAVLTWithFPN", "ravlt_fpn", "CascadeBoxPredictor", "CascadeMaskRCNN", "CascadeRoIHeads", "conv_fc_box_head",
-    "PresizedTransform", "RAVLTRetinaNet", "RAVLTMaskRCNN", "RAVLTCascadeMaskRCNN", "anchors", "dummy_forward",
-    "rescale_detections", "DeltaXYWHCoder", "MmdetAnchorGenerator", "MmdetRoIAlign", "MmdetRPN", "batched_nms",
-    "paste_masks",
+    "PresizedTransform", "RAVLTRetinaNet", "RAVLTFasterRCNN", "RAVLTMaskRCNN", "RAVLTCascadeMaskRCNN", "anchors",
+    "dummy_forward", "rescale_detections", "DeltaXYWHCoder", "MmdetAnchorGenerator", "MmdetRoIAlign", "MmdetRPN",
+    "batched_nms", "paste_masks",
 ]  # fmt: skip
