@@ -125,6 +125,8 @@ class BaseTask(LightningModule):
         ema_decay: decay of the weight EMA per 512 training images, raised to (images per optimizer
             step / 512) for each step, as the authors derive it (see :mod:`ravlt_pl.ema`); ``None``: no EMA.
         pretrained: checkpoint to initialise the backbone from (the authors' release or a state dict).
+        pretrained_strict: refuse a ``pretrained`` file that does not fill every backbone tensor (``False``:
+            load what matches and warn about the rest).
         report_dir: where ``validate``/``test``/``predict`` write reports (default: the run's log dir).
         weight_decay_exempt: parameters trained without weight decay: ``"1d"`` (every parameter of at
             most one dimension and every bias) and/or parameter-name substrings (see :func:`param_groups`);
@@ -150,6 +152,7 @@ class BaseTask(LightningModule):
         report_dir: str | None = None,
         weight_decay_exempt: list[str] | None = None,
         float32_matmul_precision: Literal["highest", "high", "medium"] | None = None,
+        pretrained_strict: bool = True,
     ) -> None:
         super().__init__()
         # Here, not in the subclasses: the frames of both __init__ are read, so every argument is recorded
@@ -160,6 +163,7 @@ class BaseTask(LightningModule):
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.pretrained = pretrained
+        self.pretrained_strict = pretrained_strict
         self._report_dir = report_dir
         self.weight_decay_exempt = (
             list(self.default_weight_decay_exempt) if weight_decay_exempt is None else list(weight_decay_exempt)
@@ -173,7 +177,7 @@ class BaseTask(LightningModule):
     def load_pretrained_backbone(self, backbone: nn.Module, exclude: Sequence[str] = ("head.",)) -> None:
         """Initialise ``backbone`` from ``self.pretrained`` (the authors' checkpoint or a bare state dict)."""
         if self.pretrained:
-            report = load_official(backbone, self.pretrained, exclude=exclude)
+            report = load_official(backbone, self.pretrained, exclude=exclude, strict=self.pretrained_strict)
             log.info("pretrained backbone: %s", report)
 
     def flops_forward(self, images: torch.Tensor):
