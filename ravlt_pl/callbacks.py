@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from .data.errors import DatasetError
+from .lightning_compat import connector_cluster_environment, dump_checkpoint, requeue
 from .models.checkpoint import CheckpointError
 from .reports import atomic_write, write_json
 
@@ -285,7 +286,7 @@ class FaultTolerance(Callback):
         rank_zero_info(f"checkpoint for requeue at global step {trainer.global_step}")
         # Lightning's own requeue (hpc_ckpt_<highest + 1>.ckpt, `scontrol requeue` of the job or
         # array task), whose handler setup() kept from being installed.
-        trainer._signal_connector._slurm_sigusr_handler_fn(self._usr_signal, None)
+        requeue(trainer, self._usr_signal)
         self._requeued = True
         if trainer.is_global_zero:
             numbers = {int(n): p for p in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")
@@ -319,7 +320,7 @@ class FaultTolerance(Callback):
             return  # sharded states need every rank to save
         path = last_checkpoint_path(trainer)
         try:
-            trainer.strategy.checkpoint_io.save_checkpoint(trainer._checkpoint_connector.dump_checkpoint(), path)
+            trainer.strategy.checkpoint_io.save_checkpoint(dump_checkpoint(trainer), path)
         except Exception as err:  # the data error stays the one reported
             print(f"could not save a checkpoint before stopping: {err}", file=sys.stderr, flush=True)
             return
@@ -330,7 +331,7 @@ class FaultTolerance(Callback):
 def cluster_environment(trainer: Trainer) -> ClusterEnvironment | None:
     """Lightning's cluster environment of ``trainer`` (single-device strategies keep it on the connector only)."""
     env = getattr(trainer.strategy, "cluster_environment", None)
-    return env or getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
+    return env or connector_cluster_environment(trainer)
 
 
 def last_checkpoint_path(trainer: Trainer) -> Path:

@@ -35,6 +35,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from .callbacks import AtomicCheckpointIO, FaultTolerance, LastCheckpoint, find_last_checkpoint
 from .data.base import BaseDataModule
 from .data.errors import DatasetError
+from .lightning_compat import config_section, private, set_kth_value, setup_train_data
 from .models.checkpoint import CheckpointError, read_checkpoint
 from .published import published_for
 from .tasks.base import BaseTask
@@ -144,7 +145,7 @@ class BestCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.monitor, self.mode = pl_module.monitor, pl_module.mode
-        self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
+        set_kth_value(self, torch.tensor(torch.inf if self.mode == "min" else -torch.inf))
         super().setup(trainer, pl_module, stage)
 
 
@@ -154,7 +155,7 @@ class RequireTrainingBatches(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.limit_train_batches == 0:
             raise ConfigError("--trainer.limit_train_batches 0: fit would train nothing (to evaluate, use validate)")
-        trainer.fit_loop.setup_data()  # what the fit loop does next (already done if the task read estimated_stepping_batches)
+        setup_train_data(trainer)  # what the fit loop does next (already done if the task read estimated_stepping_batches)
         if trainer.num_training_batches == 0:
             loader = trainer.train_dataloader
             size = len(loader.dataset) if hasattr(getattr(loader, "dataset", None), "__len__") else "?"
@@ -192,6 +193,7 @@ class RAVLTCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         # Always our own arguments (config names resolved): Lightning's warning about args beside sys.argv does not apply.
         self.config = parser.parse_args(args)
+        private(LightningCLI, "_parse_ckpt_path")  # the hook replaced below: were it gone, its checks would never run
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` (and find ``last``) before anything is built; the model stays the config's.
@@ -241,7 +243,7 @@ class RAVLTCLI(LightningCLI):
             raise cause if isinstance(cause, (DatasetError, CheckpointError, ConfigError)) else ConfigError(str(cause))
 
     def instantiate_trainer(self, **kwargs):
-        config = self._get(self.config_init, "trainer", default={})
+        config = config_section(self, self.config_init, "trainer", default={})
         configured = config.get("callbacks") or []
         callbacks = kwargs.setdefault("callbacks", list(configured) if isinstance(configured, list) else [configured])
         # A YAML's own `trainer.callbacks:` list replaces the default one: ours come back beside it.

@@ -11,6 +11,7 @@ from lightning.pytorch import LightningDataModule
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
+from ..lightning_compat import resume_position
 from .errors import DatasetError
 
 
@@ -112,11 +113,7 @@ class BaseDataModule(LightningDataModule):
 
     def _resume_position(self) -> tuple[int, int] | None:
         """(epoch, batches of it already trained) while ``fit`` restarts from a checkpoint, else None."""
-        trainer = self.trainer
-        if trainer is None or not trainer.fit_loop.restarting:
-            return None
-        loop = trainer.fit_loop
-        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+        return resume_position(self.trainer) if self.trainer is not None else None
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer

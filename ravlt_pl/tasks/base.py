@@ -17,6 +17,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ..callbacks import check_checkpoint_compatible
 from ..ema import EMA
+from ..lightning_compat import attached_trainer
 from ..models import load_official
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ class BaseTask(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another config with what differs, not a size-mismatch traceback."""
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         source = str(trainer.ckpt_path) if trainer is not None and trainer.ckpt_path else "checkpoint"
         if self.ema is not None:
             self.ema.load_from(checkpoint, source)

@@ -20,6 +20,7 @@ from pycocotools.cocoeval import Params
 from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
 
+from ..lightning_compat import attached_trainer
 from ..models.detection import dummy_forward, rescale_detections
 from . import detection_report
 from .base import BaseTask
@@ -195,12 +196,12 @@ class DetectionTask(BaseTask):
     # -- reports -----------------------------------------------------------------------------------
     def category_ids(self) -> list[int]:
         """Label → dataset category id (the data module's mapping, else ``1..num_classes``)."""
-        info = getattr(self.trainer.datamodule, "info", None) if self._trainer else None
+        info = getattr(self.trainer.datamodule, "info", None) if attached_trainer(self) else None
         ids = info.category_ids if info else None
         return list(ids) if ids else list(range(1, self.hparams.num_classes + 1))
 
     def category_names(self) -> list[str]:
-        info = getattr(self.trainer.datamodule, "info", None) if self._trainer else None
+        info = getattr(self.trainer.datamodule, "info", None) if attached_trainer(self) else None
         return list(info.class_names) if info else [str(i) for i in self.category_ids()]
 
     def write_report(self, stage: str, values: dict[str, float], computed: dict, results: list[dict]) -> None:
