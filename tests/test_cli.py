@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+import ravlt_pl
 from ravlt_pl.cli import main, resolve_config
 from tests.conftest import TINY, tiny_cli_args
 
+PACKAGE = Path(ravlt_pl.__file__).resolve().parent
 CONFIGS = Path(__file__).resolve().parents[1] / "ravlt_pl" / "configs"
 CLS_CONFIGS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml") if "ImageNetDataModule" in p.read_text())
 
@@ -118,9 +120,21 @@ def test_demo_runs_without_warnings_from_our_code(tmp_path, monkeypatch):
         data = demo.run("classification", ["--model.init_args.backbone_overrides", tiny, "--trainer.max_epochs", "1",
                                            "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"])  # fmt: skip
     assert data["headline"]["value"] >= 0
-    ours = [str(w.message) for w in caught if "ravlt_pl" in w.filename or "LightningCLI" in str(w.message)
+    ours = [str(w.message) for w in caught if raised_in_our_package(w.filename) or "LightningCLI" in str(w.message)
             or "multiple `ModelCheckpoint`" in str(w.message)]  # fmt: skip
     assert not ours
+
+
+def raised_in_our_package(filename: str) -> bool:
+    """A warning from a file of the ravlt_pl package itself (not from a venv inside a clone named ravlt_pl)."""
+    return Path(filename).resolve().is_relative_to(PACKAGE)
+
+
+def test_warnings_filter_tells_our_package_from_a_venv_in_a_clone_named_ravlt_pl():
+    clone = PACKAGE.parent
+    assert raised_in_our_package(str(PACKAGE / "cli.py"))
+    assert not raised_in_our_package(str(clone / ".venv/lib/python3.11/site-packages/lightning/pytorch/trainer.py"))
+    assert not raised_in_our_package(str(clone / "ravlt_pl_notes" / "x.py"))
 
 
 def test_every_published_config_states_gpu_precision_and_cudnn_autotuning():
