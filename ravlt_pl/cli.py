@@ -14,10 +14,12 @@ that sets the whole ``trainer.callbacks`` list gets ours added back.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
 import inspect
 import json
+import logging
 import os
 import re
 import sys
@@ -279,14 +281,29 @@ class _RawDescription(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter
     """jsonargparse's help, with the description's lines kept (the list of our subcommands)."""
 
 
+@contextlib.contextmanager
+def _lightning_quiet():
+    """Lightning's INFO lines (seed, devices, tips) held back; its warnings and errors still show."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def summary(args: list[str]) -> dict:
     """Build the config's task (no data read) and count parameters and GFLOPs (multiply-adds).
 
     FLOPs come from ``torch.utils.flop_counter`` (matmuls, convolutions, attention; not norms or
     element-wise ops), halved to multiply-adds as papers report them.
     """
-    cli = build_cli(args + ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-                            "--trainer.num_nodes", "1"], run=False, prog=f"{PROG} summary")  # fmt: skip
+    with _lightning_quiet():  # its seed, GPU/TPU and tip lines: the output is the JSON line alone
+        cli = build_cli(args + ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                                "--trainer.num_nodes", "1"], run=False, prog=f"{PROG} summary")  # fmt: skip
     task: BaseTask = cli.model
     config = next((a for a in args if a.endswith((".yaml", ".yml"))), None)
     height, width = task.summary_input_size

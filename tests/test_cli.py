@@ -147,3 +147,23 @@ def test_every_published_config_states_gpu_precision_and_cudnn_autotuning():
         config = yaml.safe_load(path.read_text())
         assert config["model"]["init_args"]["float32_matmul_precision"] == "high", path
         assert config["trainer"]["benchmark"] is ("det" not in path.parts), path
+
+
+def test_summary_prints_only_its_json(tmp_path):
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-m", "ravlt_pl", "summary", "--config", "demo/cls.yaml"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert len(run.stdout.splitlines()) == 1 and json.loads(run.stdout)["model"] == "ClassificationTask"
+
+
+def test_readme_commands_run_the_venv_python():
+    """A fresh machine has no torch in its bare ``python``: every command the README gives uses .venv/bin/python
+    (the wheel's lines excepted: they run in the environment it was installed into)."""
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    bare = [line for line in readme.splitlines() if re.search(r"(^|`|srun )python3? (-m |scripts/)", line)
+            and "installs as a wheel" not in line and "ravlt_pl.demo classification` then run" not in line]  # fmt: skip
+    assert not bare, bare
