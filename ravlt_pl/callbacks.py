@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from .data.errors import DatasetError
 from .lightning_compat import connector_cluster_environment, dump_checkpoint, requeue
-from .models.checkpoint import CheckpointError
+from .models.checkpoint import CheckpointError, read_checkpoint
 from .reports import atomic_write, write_json
 
 
@@ -94,13 +94,23 @@ def _fsync_dir(folder: Path) -> None:
 
 def find_last_checkpoint(root: str | Path) -> Path | None:
     """The newest resumable checkpoint under ``root``: ``last*.ckpt`` of any logger version, or a
-    Slurm ``hpc_ckpt_*.ckpt``; ``None`` when there is none."""
+    Slurm ``hpc_ckpt_*.ckpt``; ``None`` when there is none. One of global step 0 (a run that stopped
+    before its first optimizer step) holds no progress and is passed over."""
     root = Path(root)
     if not root.is_dir():
         return None
     found = [p for p in root.rglob("last*.ckpt") if p.stem == "last" or p.stem.startswith("last-v")]
     found += list(root.glob("hpc_ckpt_*.ckpt"))
-    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+    return max((p for p in found if _global_step(p) != 0), key=lambda p: p.stat().st_mtime, default=None)
+
+
+def _global_step(path: Path) -> int | None:
+    """The checkpoint's ``global_step`` (its tensors mapped, not read); ``None`` if unreadable or absent."""
+    try:
+        checkpoint, _ = read_checkpoint(path, mmap=True)
+    except CheckpointError:
+        return None  # refused, naming the file, when it is loaded
+    return checkpoint.get("global_step")
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -276,7 +286,9 @@ class FaultTolerance(Callback):
             self._checkpoint_and_requeue(trainer)
         if stop:
             where = "the job resumes from its hpc checkpoint"
-            if not self._requeued:
+            if not _has_progress(trainer):
+                where = "nothing saved (no optimizer step yet, or checkpointing off)"
+            elif not self._requeued:
                 path = last_checkpoint_path(trainer)
                 trainer.save_checkpoint(path)
                 where = f"wrote {path}; rerun with --ckpt_path last to resume"
@@ -318,6 +330,8 @@ class FaultTolerance(Callback):
         ``trainer.save_checkpoint`` would hang. Every DDP rank holds the same training state."""
         if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
             return  # sharded states need every rank to save
+        if not _has_progress(trainer):
+            return
         path = last_checkpoint_path(trainer)
         try:
             trainer.strategy.checkpoint_io.save_checkpoint(dump_checkpoint(trainer), path)
@@ -326,6 +340,11 @@ class FaultTolerance(Callback):
             return
         print(f"data error at global step {trainer.global_step}: wrote {path}; after fixing the data, "
               "--ckpt_path last resumes there", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _has_progress(trainer: Trainer) -> bool:
+    """Whether a checkpoint now would hold anything: an optimizer step done, and checkpointing on."""
+    return trainer.global_step > 0 and bool(trainer.checkpoint_callbacks)
 
 
 def cluster_environment(trainer: Trainer) -> ClusterEnvironment | None:

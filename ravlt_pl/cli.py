@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import ActionSubCommands, DefaultHelpFormatter
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -83,16 +84,35 @@ def resolve_config(name: str) -> str:
     raise FileNotFoundError(f"config {name!r} not found here nor in {', '.join(map(str, config_dirs()))}; {hint}")
 
 
+def check_config_file(path: str) -> str:
+    """``path`` if it is a readable YAML file, else :class:`ConfigError` naming the file (and the line of a YAML error)."""
+    if Path(path).is_dir():
+        inside = sorted(p.name for p in Path(path).glob("*.y*ml"))[:5]
+        raise ConfigError(f"--config {path}: is a directory; give a YAML file" + (f" (in it: {', '.join(inside)})" if inside else ""))
+    try:
+        with open(path, encoding="utf-8") as f:
+            yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = str(getattr(err, "problem", None) or err).replace("character '\\t'", "a tab")
+        hint = " (YAML indents with spaces, not tabs)" if "\\t" in str(err) else ""
+        raise ConfigError(f"--config {path}{where}: not valid YAML: {problem}{hint}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--config {path}: cannot be read ({err})") from None
+    return path
+
+
 def _resolve_config_args(args: list[str]) -> list[str]:
     out, i = [], 0
     while i < len(args):
         arg = args[i]
         if arg in ("-c", "--config") and i + 1 < len(args):
-            out += [arg, resolve_config(args[i + 1])]
+            out += [arg, check_config_file(resolve_config(args[i + 1]))]
             i += 2
             continue
         if arg.startswith("--config="):
-            arg = "--config=" + resolve_config(arg.split("=", 1)[1])
+            arg = "--config=" + check_config_file(resolve_config(arg.split("=", 1)[1]))
         out.append(arg)
         i += 1
     return out
@@ -250,6 +270,11 @@ class RAVLTCLI(LightningCLI):
         callbacks = kwargs.setdefault("callbacks", list(configured) if isinstance(configured, list) else [configured])
         # A YAML's own `trainer.callbacks:` list replaces the default one: ours come back beside it.
         callbacks += [cls(**args) for cls, args in DEFAULT_CALLBACKS if not any(type(c) is cls for c in callbacks)]
+        if config.get("enable_checkpointing") is False:  # honoured: our checkpoint callbacks stay out
+            callbacks[:] = [c for c in callbacks if type(c) not in (BestCheckpoint, LastCheckpoint)]
+            if theirs := [type(c).__name__ for c in callbacks if isinstance(c, ModelCheckpoint)]:
+                raise ConfigError(f"--trainer.enable_checkpointing false, but trainer.callbacks has {', '.join(theirs)}; "
+                                  "drop one of the two")  # fmt: skip
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # checkpoints written temp + rename
@@ -257,6 +282,10 @@ class RAVLTCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
+        trainer = self.trainer
+        if trainer.max_epochs == -1 and trainer.max_steps == -1:
+            raise ConfigError("--trainer.max_epochs -1 (no end) needs --trainer.max_steps N: the learning-rate "
+                              "schedule is laid out over the run's steps")  # fmt: skip
         try:  # a bad optimizer argument (a negative lr ...) now, not as a traceback from configure_optimizers
             self.model.optimizer(self.model.parameters())
         except ValueError as err:

@@ -165,6 +165,28 @@ main(resumed)
 """
 
 
+def test_a_data_error_before_the_first_step_writes_nothing_and_last_stays_the_real_progress(synthetic_cls, tmp_path):
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(synthetic_cls, data)
+    main(fit_args(data, out, "--trainer.max_steps", "4"))
+    progress = find_last_checkpoint(out)
+    assert global_step(progress) == 4
+    before = sorted(out.rglob("*.ckpt"))
+    for image in (data / "train").rglob("*.JPEG"):  # the second run cannot read its first batch
+        image.write_bytes(b"not an image")
+    with pytest.raises(SystemExit, match="cannot be read as an image"):
+        main(fit_args(data, out))
+    assert sorted(out.rglob("*.ckpt")) == before  # no step-0 last.ckpt
+    assert find_last_checkpoint(out) == progress
+
+
+def test_ckpt_path_last_passes_over_a_checkpoint_of_step_0(tmp_path):
+    real, empty = tmp_path / "version_0" / "last.ckpt", tmp_path / "version_1" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 4}, real)
+    AtomicCheckpointIO().save_checkpoint({"global_step": 0}, empty)  # newer
+    assert find_last_checkpoint(tmp_path) == real
+
+
 def test_sigusr1_outside_slurm_checkpoints_and_stops_saying_so_and_is_ignored_after_training(synthetic_cls, tmp_path):
     """In a child process, which the default action of SIGUSR1 would kill (exit code -10, no word):
     a fit that gets SIGUSR1 after step 3, then ``--ckpt_path last`` with a SIGUSR1 after training."""

@@ -166,6 +166,12 @@ def test_bad_ckpt_paths_fail_in_one_line(trained, synthetic_cls, tmp_path, offic
         (["--model.init_args.optimizer.init_args.lr", "-0.1"], "error: model.init_args.optimizer: Invalid learning rate: -0.1"),
         (["--model.init_args.variant", "ravlt_x"], "error: unknown RAVLT variant 'ravlt_x'; choose one of"),
         (["--model.init_args.pretrained", "absent.pth"], "error: absent.pth: no such checkpoint file"),
+        (["--data.init_args.batch_size", "0"], "error: --data.init_args.batch_size 0: must be a positive number"),
+        (["--data.init_args.batch_size", "-1"], "error: --data.init_args.batch_size -1: must be a positive number"),
+        (["--data.init_args.num_workers", "-2"], "error: --data.init_args.num_workers -2: must be 0"),
+        (["--trainer.max_steps", "-1", "--trainer.max_epochs", "-1"], "error: --trainer.max_epochs -1 (no end) needs --trainer.max_steps"),
+        (["--trainer.enable_checkpointing", "false", "--trainer.callbacks+=ModelCheckpoint"],
+         "error: --trainer.enable_checkpointing false, but trainer.callbacks has ModelCheckpoint"),
     ],
 )
 def test_bad_values_fail_in_one_line(override, reason, synthetic_cls, tmp_path):
@@ -187,3 +193,23 @@ def test_ckpt_path_last_resumes_the_newest_last_checkpoint(trained, synthetic_cl
     shutil.copy(trained, saved)
     cli = main(run_args("fit", synthetic_cls, tmp_path, "--ckpt_path", "last", "--trainer.max_epochs", "2"))
     assert Path(cli.trainer.ckpt_path) == saved and cli.trainer.global_step == 10
+
+
+def test_enable_checkpointing_false_is_honoured(synthetic_cls, tmp_path):
+    cli = main(run_args("fit", synthetic_cls, tmp_path, "--trainer.max_steps", "2", "--trainer.enable_checkpointing", "false"))
+    assert cli.trainer.global_step == 2 and not cli.trainer.checkpoint_callbacks
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("command", ["fit", "analyze-rank"])
+def test_config_files_that_are_not_yaml_files_fail_in_one_line_naming_file_and_line(command, tmp_path):
+    tab, bracket = tmp_path / "tab.yaml", tmp_path / "bracket.yaml"
+    tab.write_text("model:\n  init_args:\n\tvariant: ravlt_t\n")
+    bracket.write_text("model:\n  init_args: {variant: [ravlt_t\ntrainer:\n  max_steps: 1\n")
+    expected = {
+        tab: f"error: --config {tab}, line 3 column 1: not valid YAML: found a tab that cannot start any token (YAML indents with spaces, not tabs)",
+        bracket: f"error: --config {bracket}, line 3 column 8: not valid YAML: expected ',' or ']', but got ':'",
+        tmp_path: f"error: --config {tmp_path}: is a directory; give a YAML file (in it: bracket.yaml, tab.yaml)",
+    }
+    for path, message in expected.items():
+        assert error_of([command, "--config", str(path)]) == message

@@ -63,6 +63,11 @@ class BaseDataModule(LightningDataModule):
         super().__init__()
         if global_batch_size is None and batch_size is None:
             raise ValueError("set data.batch_size (per device) or data.global_batch_size")
+        for name, value in (("batch_size", batch_size), ("global_batch_size", global_batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"--data.init_args.{name} {value}: must be a positive number of images")
+        if num_workers < 0:
+            raise ValueError(f"--data.init_args.num_workers {num_workers}: must be 0 (load in the main process) or more")
         self.root = Path(root)
         self.predict_dir = Path(predict_dir) if predict_dir is not None else None
         self.global_batch_size = global_batch_size
