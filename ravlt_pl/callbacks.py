@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -30,7 +31,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from .data.errors import DatasetError
 from .lightning_compat import connector_cluster_environment, dump_checkpoint, requeue
 from .models.checkpoint import CheckpointError, read_checkpoint
-from .reports import atomic_write, write_json
+from .reports import atomic_write, stale_temps, write_json
 
 
 # -- atomic checkpoint files ----------------------------------------------------------------------
@@ -60,7 +61,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             reason = f"[Errno {cause.errno}] {cause.strerror}" if cause.errno else str(cause)
             raise CheckpointError(f"cannot write checkpoint {path}: {reason} (the previous {path.name}, if any, is unchanged)") from None
         _fsync_dir(path.parent)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed
+        for stale in stale_temps(path):  # left by a save that was killed (not another run's save in progress)
             stale.unlink(missing_ok=True)
 
 
@@ -90,6 +91,21 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def claim_version(folder: str | Path) -> int:
+    """The next free ``version_N`` under ``folder``, created by this call: ``mkdir`` fails for all but one
+    claimant, so two runs started into one root get a version directory each."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    taken = [int(m[1]) for p in folder.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    version = max(taken, default=-1) + 1
+    while True:
+        try:
+            (folder / f"version_{version}").mkdir()
+            return version
+        except FileExistsError:
+            version += 1
 
 
 def find_last_checkpoint(root: str | Path) -> Path | None:

@@ -32,10 +32,12 @@ from jsonargparse import ActionSubCommands, DefaultHelpFormatter
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from .callbacks import AtomicCheckpointIO, FaultTolerance, LastCheckpoint, find_last_checkpoint
+from .callbacks import AtomicCheckpointIO, FaultTolerance, LastCheckpoint, claim_version, find_last_checkpoint
 from .data.base import BaseDataModule
 from .data.errors import DatasetError
 from .lightning_compat import config_section, private, set_kth_value, setup_train_data
@@ -275,6 +277,10 @@ class RAVLTCLI(LightningCLI):
             if theirs := [type(c).__name__ for c in callbacks if isinstance(c, ModelCheckpoint)]:
                 raise ConfigError(f"--trainer.enable_checkpointing false, but trainer.callbacks has {', '.join(theirs)}; "
                                   "drop one of the two")  # fmt: skip
+        if config.get("logger") in (None, True) and not config.get("fast_dev_run") and rank_zero_only.rank == 0:
+            root = str(config.get("default_root_dir") or os.getcwd())
+            if "://" not in root:  # Lightning's default logger, in a version directory claimed now (not at first log)
+                kwargs["logger"] = TensorBoardLogger(root, version=claim_version(Path(root) / "lightning_logs"))
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # checkpoints written temp + rename

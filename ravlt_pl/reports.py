@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -31,7 +32,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{temp_owner()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -41,6 +42,34 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def temp_owner() -> str:
+    """``<host>-<pid>``: the writer named in its temporary files, so a cleanup removes only its own or a dead process's."""
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+def stale_temps(path: Path) -> list[Path]:
+    """The temporary files of ``path`` left by this process or by a dead one on this host (a killed save);
+    never those of a write still running in another process (another run, another host)."""
+    host = socket.gethostname().replace(".", "_")
+    stale = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        owner = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        name, _, pid = owner.rpartition("-")
+        if name == host and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            stale.append(tmp)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -204,3 +204,39 @@ def test_sigusr1_outside_slurm_checkpoints_and_stops_saying_so_and_is_ignored_af
     assert "SIGUSR1: training has finished, nothing to do" in child.stderr
     checkpoints = sorted(tmp_path.rglob("last.ckpt"))  # version_0: the stop; version_1: the resumed run's end
     assert [global_step(c) for c in checkpoints] == [3, STEPS_PER_EPOCH]
+
+
+# -- two runs into one root ---------------------------------------------------------------------------
+def test_concurrent_claims_get_a_version_directory_each(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        versions = list(pool.map(lambda _: callbacks.claim_version(tmp_path), range(16)))
+    assert sorted(versions) == list(range(16))
+
+
+def test_a_run_claims_its_version_before_training_and_writes_its_own_config(synthetic_cls, tmp_path):
+    (tmp_path / "lightning_logs" / "version_0").mkdir(parents=True)  # another run, started a moment ago
+    cli = main(fit_args(synthetic_cls, tmp_path, "--trainer.max_steps", "1", "--trainer.fast_dev_run", "false"))
+    assert cli.trainer.logger.version == 1 and Path(cli.trainer.log_dir) == tmp_path / "lightning_logs" / "version_1"
+    assert "max_steps: 1" in (tmp_path / "lightning_logs" / "version_1" / "config.yaml").read_text()
+    assert not list((tmp_path / "lightning_logs" / "version_0").iterdir())
+
+
+def test_stale_temp_cleanup_spares_another_process_save_in_progress(tmp_path):
+    from ravlt_pl.reports import temp_owner
+
+    target = tmp_path / "last.ckpt"
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = temp_owner().rpartition("-")[0]
+        theirs = tmp_path / f".last.ckpt.{host}-{running.pid}.abc.tmp"  # another run's save, still being written
+        dead = tmp_path / f".last.ckpt.{host}-{2**22 + 17}.abc.tmp"  # a killed save
+        other_host = tmp_path / ".last.ckpt.elsewhere-1.abc.tmp"
+        for path in (theirs, dead, other_host):
+            path.write_bytes(b"partial")
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
+        assert theirs.exists() and other_host.exists() and not dead.exists()
+    finally:
+        running.kill()
+        running.wait()
