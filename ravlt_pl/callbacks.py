@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import sys
@@ -31,7 +30,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from .data.errors import DatasetError
 from .lightning_compat import connector_cluster_environment, dump_checkpoint, requeue
 from .models.checkpoint import CheckpointError, read_checkpoint
-from .reports import atomic_write, stale_temps, write_json
+from .reports import os_error_of, atomic_write, stale_temps, write_json
 
 
 # -- atomic checkpoint files ----------------------------------------------------------------------
@@ -54,7 +53,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             atomic_write(path, lambda tmp: _save_synced(checkpoint, tmp))
         except (OSError, RuntimeError) as err:
-            cause = _os_error(err)
+            cause = os_error_of(err)
             if cause is None:
                 raise
             # The temp file is gone; the error's own file name would be that temp file.
@@ -72,14 +71,6 @@ def _save_synced(checkpoint: dict[str, Any], path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _os_error(err: BaseException | None) -> OSError | None:
-    """The OSError behind ``err``: when a write fails inside ``torch.save``, closing its zip
-    archive raises a RuntimeError ("unexpected pos ...") over the real cause (disk full)."""
-    while err is not None and not isinstance(err, OSError):
-        err = err.__cause__ or err.__context__
-    return err
-
-
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -91,21 +82,6 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def claim_version(folder: str | Path) -> int:
-    """The next free ``version_N`` under ``folder``, created by this call: ``mkdir`` fails for all but one
-    claimant, so two runs started into one root get a version directory each."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    taken = [int(m[1]) for p in folder.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
-    version = max(taken, default=-1) + 1
-    while True:
-        try:
-            (folder / f"version_{version}").mkdir()
-            return version
-        except FileExistsError:
-            version += 1
 
 
 def find_last_checkpoint(root: str | Path) -> Path | None:

@@ -32,17 +32,18 @@ from jsonargparse import ActionSubCommands, DefaultHelpFormatter
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from .callbacks import AtomicCheckpointIO, FaultTolerance, LastCheckpoint, claim_version, find_last_checkpoint
+from .callbacks import AtomicCheckpointIO, FaultTolerance, LastCheckpoint, find_last_checkpoint
 from .data.base import BaseDataModule
 from .data.errors import DatasetError
 from .lightning_compat import config_section, private, set_kth_value, setup_train_data
 from .models.checkpoint import CheckpointError, read_checkpoint
 from .published import published_for
+from .reports import WriteError
+from .run_dir import AtomicSaveConfig, RunLogger, claim_version
 from .tasks.base import BaseTask
 
 #: The published configs ship inside the package (``ravlt_pl/configs``; ``configs/`` in a clone links to it).
@@ -280,7 +281,7 @@ class RAVLTCLI(LightningCLI):
         if config.get("logger") in (None, True) and not config.get("fast_dev_run") and rank_zero_only.rank == 0:
             root = str(config.get("default_root_dir") or os.getcwd())
             if "://" not in root:  # Lightning's default logger, in a version directory claimed now (not at first log)
-                kwargs["logger"] = TensorBoardLogger(root, version=claim_version(Path(root) / "lightning_logs"))
+                kwargs["logger"] = RunLogger(root, version=claim_version(Path(root) / "lightning_logs"))
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # checkpoints written temp + rename
@@ -306,6 +307,7 @@ def build_cli(args: list[str], run: bool = True, prog: str = PROG) -> RAVLTCLI:
         subclass_mode_data=True,
         args=args,
         run=run,
+        save_config_callback=AtomicSaveConfig,
         save_config_kwargs={"overwrite": True},
         parser_class=RAVLTArgumentParser,
         parser_kwargs={"prog": prog, "description": DESCRIPTION, "formatter_class": _RawDescription},
@@ -390,7 +392,7 @@ def main(args: list[str] | None = None) -> RAVLTCLI | dict | None:
     except SIGTERMException as err:  # FaultTolerance names the signal, step and checkpoint when it stops a fit
         sys.exit(str(err) if str(err) else
                  "stopped by SIGTERM; a requeued Slurm job resumes by itself, else rerun with --ckpt_path last")
-    except (DatasetError, CheckpointError, ConfigError, FileNotFoundError) as err:
+    except (DatasetError, CheckpointError, ConfigError, FileNotFoundError, WriteError) as err:
         message = str(err).split("Original Traceback")[0].strip()
         if "DataLoader worker" in message:  # keep the named file, drop the worker preamble
             message = str(err).strip().splitlines()[-1]

@@ -207,22 +207,6 @@ def test_sigusr1_outside_slurm_checkpoints_and_stops_saying_so_and_is_ignored_af
 
 
 # -- two runs into one root ---------------------------------------------------------------------------
-def test_concurrent_claims_get_a_version_directory_each(tmp_path):
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(8) as pool:
-        versions = list(pool.map(lambda _: callbacks.claim_version(tmp_path), range(16)))
-    assert sorted(versions) == list(range(16))
-
-
-def test_a_run_claims_its_version_before_training_and_writes_its_own_config(synthetic_cls, tmp_path):
-    (tmp_path / "lightning_logs" / "version_0").mkdir(parents=True)  # another run, started a moment ago
-    cli = main(fit_args(synthetic_cls, tmp_path, "--trainer.max_steps", "1", "--trainer.fast_dev_run", "false"))
-    assert cli.trainer.logger.version == 1 and Path(cli.trainer.log_dir) == tmp_path / "lightning_logs" / "version_1"
-    assert "max_steps: 1" in (tmp_path / "lightning_logs" / "version_1" / "config.yaml").read_text()
-    assert not list((tmp_path / "lightning_logs" / "version_0").iterdir())
-
-
 def test_stale_temp_cleanup_spares_another_process_save_in_progress(tmp_path):
     from ravlt_pl.reports import temp_owner
 

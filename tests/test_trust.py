@@ -213,3 +213,27 @@ def test_config_files_that_are_not_yaml_files_fail_in_one_line_naming_file_and_l
     }
     for path, message in expected.items():
         assert error_of([command, "--config", str(path)]) == message
+
+
+def test_a_full_disk_while_writing_config_or_reports_stops_in_one_line(synthetic_cls, tmp_path, monkeypatch):
+    import errno
+
+    real_write_text = Path.write_text
+
+    def fill_disk(names):
+        def write_text(self, *args, **kwargs):
+            if any(self.name.startswith(f".{name}.") for name in names):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write_text(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "write_text", write_text)
+
+    fill_disk(["config.yaml"])
+    message = error_of(run_args("fit", synthetic_cls, tmp_path / "a", "--trainer.max_steps", "1"))
+    assert message.startswith("error: cannot write ") and message.endswith(
+        "config.yaml: [Errno 28] No space left on device (the previous config.yaml, if any, is unchanged)")
+    assert not list((tmp_path / "a").rglob("config.yaml")) and not list((tmp_path / "a").rglob("*.tmp"))
+    fill_disk(["classification_val.md"])
+    message = error_of(run_args("validate", synthetic_cls, tmp_path / "b"))
+    assert "classification_val.md: [Errno 28] No space left on device" in message and "\n" not in message
+    assert not list((tmp_path / "b").rglob("classification_val*")) and not list((tmp_path / "b").rglob("*.tmp"))
