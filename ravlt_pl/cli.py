@@ -288,7 +288,23 @@ class RAVLTCLI(LightningCLI):
             kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
+    def _check_masks(self) -> None:
+        """A mask detector on data read without masks: one line, not torchvision's traceback from the first step."""
+        iou_types = getattr(self.model, "iou_types", ())
+        if "segm" in iou_types and getattr(self.datamodule, "with_masks", True) is False:
+            detector = type(getattr(self.model, "model", self.model)).__name__
+            raise ConfigError(f"--data.init_args.with_masks false, but {detector} predicts instance masks "
+                              f"(iou_types {', '.join(iou_types)}): give it data with masks, or use a box-only "
+                              "detector config (configs/finetune/...)")  # fmt: skip
+
+    def before_validate(self) -> None:
+        self._check_masks()
+
+    def before_test(self) -> None:
+        self._check_masks()
+
     def before_fit(self) -> None:
+        self._check_masks()
         trainer = self.trainer
         if trainer.max_epochs == -1 and trainer.max_steps == -1:
             raise ConfigError("--trainer.max_epochs -1 (no end) needs --trainer.max_steps N: the learning-rate "

@@ -237,3 +237,25 @@ def test_a_full_disk_while_writing_config_or_reports_stops_in_one_line(synthetic
     message = error_of(run_args("validate", synthetic_cls, tmp_path / "b"))
     assert "classification_val.md: [Errno 28] No space left on device" in message and "\n" not in message
     assert not list((tmp_path / "b").rglob("classification_val*")) and not list((tmp_path / "b").rglob("*.tmp"))
+
+
+# -- box-only data and a mask detector --------------------------------------------------------------
+def test_box_only_data_with_mask_rcnn_names_the_file_and_the_way_out(tmp_path):
+    from ravlt_pl.data.synthetic import make_detection
+    from tests.tasks.test_detection import small_detector_args
+
+    root = make_detection(tmp_path / "boxes", num_train=2, num_val=2, image_size=(80, 64))
+    for ann_file in (root / "annotations").glob("*.json"):
+        data = json.loads(ann_file.read_text())
+        for ann in data["annotations"]:
+            del ann["segmentation"]
+        ann_file.write_text(json.dumps(data))
+    args = ["fit", "--config", "demo/det.yaml", *small_detector_args(rcnn=True), "--data.init_args.root", str(root),
+            "--data.init_args.num_classes", "5", "--data.init_args.num_workers", "0", "--trainer.max_steps", "1",
+            "--trainer.default_root_dir", str(tmp_path / "run")]  # fmt: skip
+    message = error_of(args)
+    assert message.startswith(f"error: {root / 'annotations' / 'instances_train2017.json'}: annotations[0]")
+    assert "box-only detector config (configs/finetune/...) with --data.init_args.with_masks false" in message
+    assert error_of([*args, "--data.init_args.with_masks", "false"]) == (
+        "error: --data.init_args.with_masks false, but RAVLTMaskRCNN predicts instance masks (iou_types bbox, segm): "
+        "give it data with masks, or use a box-only detector config (configs/finetune/...)")  # fmt: skip
