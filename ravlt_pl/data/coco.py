@@ -217,9 +217,22 @@ class COCODataModule(BaseDataModule):
         if stage == "test" and "test" not in self.datasets:
             self.datasets["test"] = self._dataset("test", train=False)
         if stage == "predict" and "predict" not in self.datasets:
-            folder = self.predict_dir or self.root / self.splits["val"]
-            self.datasets["predict"] = PredictFolder(folder, ImageOnly(eval_transform(self.scale)))
+            self.datasets["predict"] = self._predict_folder()
             self._info = self._predict_info()
+
+    def _predict_folder(self) -> PredictFolder:
+        """``predict_dir`` with its sub-folders; without one, the val split's images as its annotation file lists
+        them (their COCO ids, ``file_name`` sub-folders included), or all images under the val folder."""
+        transform = ImageOnly(eval_transform(self.scale))
+        if self.predict_dir is not None:
+            return PredictFolder(self.predict_dir, transform, recursive=True)
+        folder = self.root / self.splits["val"]
+        ann_file = self.root / "annotations" / f"instances_{self.splits['val']}.json"
+        images = load_json(ann_file).get("images") if ann_file.is_file() else None
+        if not isinstance(images, list) or not all(isinstance(i, dict) and {"id", "file_name"} <= set(i) for i in images):
+            return PredictFolder(folder, transform, recursive=True)
+        return PredictFolder(folder, transform, files=[folder / i["file_name"] for i in images],
+                             image_ids=[int(i["id"]) for i in images])  # fmt: skip
 
     def _predict_info(self) -> DatasetInfo:
         """Category ids/names from the val annotation file when there is one, else ``1..num_classes``."""

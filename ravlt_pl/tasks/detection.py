@@ -8,7 +8,6 @@ COCO-format result files are written at the end of ``validate``/``test``/``predi
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
@@ -175,13 +174,13 @@ class DetectionTask(BaseTask):
         detections, original = self.detect(images, batch["orig_size"])
         category_ids, names = self.category_ids(), self.category_names()
         out = []
-        for image, det, orig, path, index in zip(images, detections, original, batch["path"], batch["index"]):
-            path = Path(path)
-            image_id = int(path.stem) if path.stem.isdigit() else int(index)  # COCO names files by image id
-            self._results += coco_results(orig, image_id, category_ids)
+        for image, det, orig, path, file_name, image_id in zip(images, detections, original, batch["path"],
+                                                               batch["file_name"], batch["image_id"]):  # fmt: skip
+            self._results += [dict(r, file_name=file_name) for r in coco_results(orig, image_id, category_ids)]
             drawn = detection_report.draw_detections(image.cpu(), det, names, self.hparams.draw_score_threshold)
-            detection_report.save_drawn(self.report_dir() / "drawn" / f"{path.stem}.png", drawn)
-            out.append({"image_id": image_id, "path": str(path), "file_name": path.name,
+            # drawn/<file name>.png: one per source file (a.jpg and a.png, sub/a.jpg do not meet)
+            detection_report.save_drawn(self.report_dir() / "drawn" / f"{file_name}.png", drawn)
+            out.append({"image_id": image_id, "path": str(path), "file_name": file_name,
                         **{k: orig[k].cpu() for k in ("boxes", "scores", "labels")}})  # fmt: skip
         return out
 

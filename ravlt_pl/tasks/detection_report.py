@@ -38,8 +38,8 @@ def results_files(results: Sequence[dict], iou_types: Sequence[str]) -> dict[str
     file name → writer, for :func:`~ravlt_pl.reports.write_files`."""
     files = {}
     for iou in iou_types:
-        keys = ("image_id", "category_id", "bbox" if iou == "bbox" else "segmentation", "score")
-        text = json.dumps([{k: r[k] for k in keys} for r in results])
+        keys = ("image_id", "category_id", "bbox" if iou == "bbox" else "segmentation", "score", "file_name")
+        text = json.dumps([{k: r[k] for k in keys if k in r} for r in results])  # file_name: predict's source file
         files[f"predictions_{iou}.json"] = lambda tmp, text=text: tmp.write_text(text, encoding="utf-8")
     return files
 
