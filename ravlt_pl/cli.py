@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -336,13 +337,16 @@ class _RawDescription(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter
 
 @contextlib.contextmanager
 def _lightning_quiet():
-    """Lightning's INFO lines (seed, devices, tips) held back; its warnings and errors still show."""
+    """Lightning's INFO lines (seed, devices, tips) and its hint to run under ``srun`` (a one-process count
+    needs no Slurm) held back; its other warnings and errors still show."""
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
+            yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
