@@ -149,7 +149,8 @@ def check_checkpoint_compatible(module: LightningModule, checkpoint: Mapping[str
         f"{k}={_short(theirs.get(k, '<unset>'))} there, {_short(mine.get(k, '<unset>'))} here"
         for k in sorted(set(theirs) | set(mine))
         # Not where files are, nor LightningCLI's bookkeeping (_class_path, _instantiator).
-        if k not in ("report_dir", "pretrained", "pretrained_strict") and not k.startswith("_") and theirs.get(k, "<unset>") != mine.get(k, "<unset>")
+        if k not in ("report_dir", "pretrained", "pretrained_strict") and not k.startswith("_")
+        and theirs.get(k, "<unset>") != mine.get(k, "<unset>")
     ]
     if differing:
         problems.append("config differs: " + "; ".join(differing[:8]) + ("; ..." if len(differing) > 8 else ""))

@@ -89,10 +89,11 @@ def resolve_config(name: str) -> str:
 
 
 def check_config_file(path: str) -> str:
-    """``path`` if it is a readable YAML file, else :class:`ConfigError` naming the file (and the line of a YAML error)."""
+    """``path`` if it is a readable YAML file, else :class:`ConfigError` naming the file (and a YAML error's line)."""
     if Path(path).is_dir():
         inside = sorted(p.name for p in Path(path).glob("*.y*ml"))[:5]
-        raise ConfigError(f"--config {path}: is a directory; give a YAML file" + (f" (in it: {', '.join(inside)})" if inside else ""))
+        listing = f" (in it: {', '.join(inside)})" if inside else ""
+        raise ConfigError(f"--config {path}: is a directory; give a YAML file{listing}")
     try:
         with open(path, encoding="utf-8") as f:
             yaml.safe_load(f)
@@ -181,7 +182,7 @@ class RequireTrainingBatches(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.limit_train_batches == 0:
             raise ConfigError("--trainer.limit_train_batches 0: fit would train nothing (to evaluate, use validate)")
-        setup_train_data(trainer)  # what the fit loop does next (already done if the task read estimated_stepping_batches)
+        setup_train_data(trainer)  # what the fit loop does next (done already if the task read the stepping batches)
         if trainer.num_training_batches == 0:
             loader = trainer.train_dataloader
             size = len(loader.dataset) if hasattr(getattr(loader, "dataset", None), "__len__") else "?"
@@ -277,8 +278,8 @@ class RAVLTCLI(LightningCLI):
         if config.get("enable_checkpointing") is False:  # honoured: our checkpoint callbacks stay out
             callbacks[:] = [c for c in callbacks if type(c) not in (BestCheckpoint, LastCheckpoint)]
             if theirs := [type(c).__name__ for c in callbacks if isinstance(c, ModelCheckpoint)]:
-                raise ConfigError(f"--trainer.enable_checkpointing false, but trainer.callbacks has {', '.join(theirs)}; "
-                                  "drop one of the two")  # fmt: skip
+                raise ConfigError(f"--trainer.enable_checkpointing false, but trainer.callbacks has "
+                                  f"{', '.join(theirs)}; drop one of the two")  # fmt: skip
         if config.get("logger") in (None, True) and not config.get("fast_dev_run") and rank_zero_only.rank == 0:
             root = str(config.get("default_root_dir") or os.getcwd())
             if "://" not in root:  # Lightning's default logger, in a version directory claimed now (not at first log)

@@ -59,7 +59,8 @@ def write_files(files: Mapping[Path, Callable[[Path], None]]) -> list[Path]:
         cause = os_error_of(err)
         if cause is None or isinstance(err, WriteError):
             raise
-        failed = next((p for p, t in temps.items() if cause.filename in (str(t), t)), list(temps)[-1] if temps else None)
+        last = list(temps)[-1] if temps else None
+        failed = next((p for p, t in temps.items() if cause.filename in (str(t), t)), last)
         reason = f"[Errno {cause.errno}] {cause.strerror}" if cause.errno else str(cause)
         raise WriteError(f"cannot write {failed}: {reason} (the previous {failed.name}, if any, is unchanged)") from err
     return list(files)
@@ -74,7 +75,7 @@ def os_error_of(err: BaseException | None) -> OSError | None:
 
 
 def temp_owner() -> str:
-    """``<host>-<pid>``: the writer named in its temporary files, so a cleanup removes only its own or a dead process's."""
+    """``<host>-<pid>``: the writer its temporary files name, so a cleanup removes its own or a dead process's only."""
     return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
 
 

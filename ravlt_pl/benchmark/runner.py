@@ -580,7 +580,7 @@ def plot(results, args, path):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m ravlt_pl benchmark", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # every help ends with its default
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # each help shows its default
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the models run (cuda when a GPU is visible)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16 via autocast")
@@ -594,7 +594,7 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; None keeps torch's choice")
     p.add_argument("--malloc", choices=["default", "tuned"], default="default",
                    help="tuned: glibc keeps freed memory for reuse (see tune_glibc_malloc); all models alike")
-    p.add_argument("--resolutions", type=int, nargs="+", default=[224], metavar="SIDE", help="square input sides, pixels")
+    p.add_argument("--resolutions", type=int, nargs="+", default=[224], metavar="SIDE", help="square input sides (px)")
     p.add_argument("--models", nargs="*", default=DEFAULT_MODELS, metavar="MODEL",
                    help="models to time: ours (ravlt_t/s/b/l, *_reference) or timm names; none listed: no timing rows")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1], metavar="N", help="inference batch sizes")

@@ -67,7 +67,7 @@ class BaseDataModule(LightningDataModule):
             if value is not None and value < 1:
                 raise ValueError(f"--data.init_args.{name} {value}: must be a positive number of images")
         if num_workers < 0:
-            raise ValueError(f"--data.init_args.num_workers {num_workers}: must be 0 (load in the main process) or more")
+            raise ValueError(f"--data.init_args.num_workers {num_workers}: must be 0 (the main process loads) or more")
         self.root = Path(root)
         self.predict_dir = Path(predict_dir) if predict_dir is not None else None
         self.global_batch_size = global_batch_size

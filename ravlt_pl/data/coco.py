@@ -229,7 +229,8 @@ class COCODataModule(BaseDataModule):
         folder = self.root / self.splits["val"]
         ann_file = self.root / "annotations" / f"instances_{self.splits['val']}.json"
         images = load_json(ann_file).get("images") if ann_file.is_file() else None
-        if not isinstance(images, list) or not all(isinstance(i, dict) and {"id", "file_name"} <= set(i) for i in images):
+        listed = isinstance(images, list) and all(isinstance(i, dict) and {"id", "file_name"} <= set(i) for i in images)
+        if not listed:
             return PredictFolder(folder, transform, recursive=True)
         return PredictFolder(folder, transform, files=[folder / i["file_name"] for i in images],
                              image_ids=[int(i["id"]) for i in images])  # fmt: skip

@@ -85,8 +85,9 @@ class PredictFolder(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[index]
         image = read_rgb(path)
-        return {"image": self.transform(image), "path": str(path), "file_name": path.relative_to(self.folder).as_posix(),
-                "index": index, "image_id": self.image_ids[index], "orig_size": (image.height, image.width)}  # fmt: skip
+        return {"image": self.transform(image), "path": str(path),
+                "file_name": path.relative_to(self.folder).as_posix(), "index": index,
+                "image_id": self.image_ids[index], "orig_size": (image.height, image.width)}  # fmt: skip
 
 
 def _ids_from_names(files: list[Path]) -> list[int]:

@@ -180,8 +180,9 @@ def load_official(
     unmatched = [k for k in required if k not in to_load]
     if unmatched:
         unused = next((k for k in state if k not in to_load), None)
-        what = (f"{source}: {len(required) - len(unmatched)} of {len(required)} backbone tensors load; first unmatched: "
-                f"{unmatched[0]}" + (f" (first unused checkpoint key: {unused})" if unused else " (absent from the file)"))
+        hint = f" (first unused checkpoint key: {unused})" if unused else " (absent from the file)"
+        what = (f"{source}: {len(required) - len(unmatched)} of {len(required)} backbone tensors load; "
+                f"first unmatched: {unmatched[0]}{hint}")
         if strict:
             raise CheckpointError(f"{what}; is it a RAVLT backbone of this variant? (to load only what matches: "
                                   "--model.init_args.pretrained_strict false)")
