@@ -5,6 +5,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 # torch comes from the machine's local wheels; the pip cap allows nothing newer.
 TORCH   := torch==2.14.1 torchvision==0.29.1
+# Every other package at the version the suite passed with (pyproject.toml keeps the ranges).
+PIN     := -c constraints.txt
 
 .PHONY: all venv test test-slurm demo demo-det demo-seg clean-demo
 
@@ -12,11 +14,11 @@ all: venv
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --upgrade pip $(PIN)
+	$(BIN)/pip install -q $(TORCH) $(PIN)
+	$(BIN)/pip install -q -e '.[dev]' $(PIN)
 	touch $(STAMP)
 
 test: venv

@@ -28,8 +28,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from .data.errors import DatasetError
-from .models.checkpoint import CheckpointError
-from .reports import atomic_write, write_json
+from .lightning_compat import connector_cluster_environment, dump_checkpoint, requeue
+from .models.checkpoint import CheckpointError, read_checkpoint
+from .reports import os_error_of, atomic_write, stale_temps, write_json
 
 
 # -- atomic checkpoint files ----------------------------------------------------------------------
@@ -52,14 +53,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             atomic_write(path, lambda tmp: _save_synced(checkpoint, tmp))
         except (OSError, RuntimeError) as err:
-            cause = _os_error(err)
+            cause = os_error_of(err)
             if cause is None:
                 raise
             # The temp file is gone; the error's own file name would be that temp file.
             reason = f"[Errno {cause.errno}] {cause.strerror}" if cause.errno else str(cause)
             raise CheckpointError(f"cannot write checkpoint {path}: {reason} (the previous {path.name}, if any, is unchanged)") from None
         _fsync_dir(path.parent)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a save that was killed
+        for stale in stale_temps(path):  # left by a save that was killed (not another run's save in progress)
             stale.unlink(missing_ok=True)
 
 
@@ -68,14 +69,6 @@ def _save_synced(checkpoint: dict[str, Any], path: Path) -> None:
         torch.save(checkpoint, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _os_error(err: BaseException | None) -> OSError | None:
-    """The OSError behind ``err``: when a write fails inside ``torch.save``, closing its zip
-    archive raises a RuntimeError ("unexpected pos ...") over the real cause (disk full)."""
-    while err is not None and not isinstance(err, OSError):
-        err = err.__cause__ or err.__context__
-    return err
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -93,13 +86,23 @@ def _fsync_dir(folder: Path) -> None:
 
 def find_last_checkpoint(root: str | Path) -> Path | None:
     """The newest resumable checkpoint under ``root``: ``last*.ckpt`` of any logger version, or a
-    Slurm ``hpc_ckpt_*.ckpt``; ``None`` when there is none."""
+    Slurm ``hpc_ckpt_*.ckpt``; ``None`` when there is none. One of global step 0 (a run that stopped
+    before its first optimizer step) holds no progress and is passed over."""
     root = Path(root)
     if not root.is_dir():
         return None
     found = [p for p in root.rglob("last*.ckpt") if p.stem == "last" or p.stem.startswith("last-v")]
     found += list(root.glob("hpc_ckpt_*.ckpt"))
-    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+    return max((p for p in found if _global_step(p) != 0), key=lambda p: p.stat().st_mtime, default=None)
+
+
+def _global_step(path: Path) -> int | None:
+    """The checkpoint's ``global_step`` (its tensors mapped, not read); ``None`` if unreadable or absent."""
+    try:
+        checkpoint, _ = read_checkpoint(path, mmap=True)
+    except CheckpointError:
+        return None  # refused, naming the file, when it is loaded
+    return checkpoint.get("global_step")
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -146,7 +149,8 @@ def check_checkpoint_compatible(module: LightningModule, checkpoint: Mapping[str
         f"{k}={_short(theirs.get(k, '<unset>'))} there, {_short(mine.get(k, '<unset>'))} here"
         for k in sorted(set(theirs) | set(mine))
         # Not where files are, nor LightningCLI's bookkeeping (_class_path, _instantiator).
-        if k not in ("report_dir", "pretrained") and not k.startswith("_") and theirs.get(k, "<unset>") != mine.get(k, "<unset>")
+        if k not in ("report_dir", "pretrained", "pretrained_strict") and not k.startswith("_")
+        and theirs.get(k, "<unset>") != mine.get(k, "<unset>")
     ]
     if differing:
         problems.append("config differs: " + "; ".join(differing[:8]) + ("; ..." if len(differing) > 8 else ""))
@@ -275,7 +279,9 @@ class FaultTolerance(Callback):
             self._checkpoint_and_requeue(trainer)
         if stop:
             where = "the job resumes from its hpc checkpoint"
-            if not self._requeued:
+            if not _has_progress(trainer):
+                where = "nothing saved (no optimizer step yet, or checkpointing off)"
+            elif not self._requeued:
                 path = last_checkpoint_path(trainer)
                 trainer.save_checkpoint(path)
                 where = f"wrote {path}; rerun with --ckpt_path last to resume"
@@ -285,7 +291,7 @@ class FaultTolerance(Callback):
         rank_zero_info(f"checkpoint for requeue at global step {trainer.global_step}")
         # Lightning's own requeue (hpc_ckpt_<highest + 1>.ckpt, `scontrol requeue` of the job or
         # array task), whose handler setup() kept from being installed.
-        trainer._signal_connector._slurm_sigusr_handler_fn(self._usr_signal, None)
+        requeue(trainer, self._usr_signal)
         self._requeued = True
         if trainer.is_global_zero:
             numbers = {int(n): p for p in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")
@@ -317,9 +323,11 @@ class FaultTolerance(Callback):
         ``trainer.save_checkpoint`` would hang. Every DDP rank holds the same training state."""
         if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
             return  # sharded states need every rank to save
+        if not _has_progress(trainer):
+            return
         path = last_checkpoint_path(trainer)
         try:
-            trainer.strategy.checkpoint_io.save_checkpoint(trainer._checkpoint_connector.dump_checkpoint(), path)
+            trainer.strategy.checkpoint_io.save_checkpoint(dump_checkpoint(trainer), path)
         except Exception as err:  # the data error stays the one reported
             print(f"could not save a checkpoint before stopping: {err}", file=sys.stderr, flush=True)
             return
@@ -327,10 +335,15 @@ class FaultTolerance(Callback):
               "--ckpt_path last resumes there", file=sys.stderr, flush=True)  # fmt: skip
 
 
+def _has_progress(trainer: Trainer) -> bool:
+    """Whether a checkpoint now would hold anything: an optimizer step done, and checkpointing on."""
+    return trainer.global_step > 0 and bool(trainer.checkpoint_callbacks)
+
+
 def cluster_environment(trainer: Trainer) -> ClusterEnvironment | None:
     """Lightning's cluster environment of ``trainer`` (single-device strategies keep it on the connector only)."""
     env = getattr(trainer.strategy, "cluster_environment", None)
-    return env or getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
+    return env or connector_cluster_environment(trainer)
 
 
 def last_checkpoint_path(trainer: Trainer) -> Path:

@@ -15,29 +15,37 @@ that sets the whole ``trainer.callbacks`` list gets ours added back.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
 import inspect
 import json
+import logging
 import os
 import re
 import sys
+import warnings
 from importlib import resources
 from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import ActionSubCommands, DefaultHelpFormatter
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from .callbacks import AtomicCheckpointIO, FaultTolerance, LastCheckpoint, find_last_checkpoint
 from .data.base import BaseDataModule
 from .data.errors import DatasetError
+from .lightning_compat import config_section, private, set_kth_value, setup_train_data
 from .models.checkpoint import CheckpointError, read_checkpoint
 from .published import published_for
+from .reports import WriteError
+from .run_dir import AtomicSaveConfig, RunLogger, claim_version
 from .tasks.base import BaseTask
 
 #: The published configs ship inside the package (``ravlt_pl/configs``; ``configs/`` in a clone links to it).
@@ -81,16 +89,36 @@ def resolve_config(name: str) -> str:
     raise FileNotFoundError(f"config {name!r} not found here nor in {', '.join(map(str, config_dirs()))}; {hint}")
 
 
+def check_config_file(path: str) -> str:
+    """``path`` if it is a readable YAML file, else :class:`ConfigError` naming the file (and a YAML error's line)."""
+    if Path(path).is_dir():
+        inside = sorted(p.name for p in Path(path).glob("*.y*ml"))[:5]
+        listing = f" (in it: {', '.join(inside)})" if inside else ""
+        raise ConfigError(f"--config {path}: is a directory; give a YAML file{listing}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = str(getattr(err, "problem", None) or err).replace("character '\\t'", "a tab")
+        hint = " (YAML indents with spaces, not tabs)" if "\\t" in str(err) else ""
+        raise ConfigError(f"--config {path}{where}: not valid YAML: {problem}{hint}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--config {path}: cannot be read ({err})") from None
+    return path
+
+
 def _resolve_config_args(args: list[str]) -> list[str]:
     out, i = [], 0
     while i < len(args):
         arg = args[i]
         if arg in ("-c", "--config") and i + 1 < len(args):
-            out += [arg, resolve_config(args[i + 1])]
+            out += [arg, check_config_file(resolve_config(args[i + 1]))]
             i += 2
             continue
         if arg.startswith("--config="):
-            arg = "--config=" + resolve_config(arg.split("=", 1)[1])
+            arg = "--config=" + check_config_file(resolve_config(arg.split("=", 1)[1]))
         out.append(arg)
         i += 1
     return out
@@ -145,7 +173,7 @@ class BestCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.monitor, self.mode = pl_module.monitor, pl_module.mode
-        self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
+        set_kth_value(self, torch.tensor(torch.inf if self.mode == "min" else -torch.inf))
         super().setup(trainer, pl_module, stage)
 
 
@@ -155,7 +183,7 @@ class RequireTrainingBatches(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.limit_train_batches == 0:
             raise ConfigError("--trainer.limit_train_batches 0: fit would train nothing (to evaluate, use validate)")
-        trainer.fit_loop.setup_data()  # what the fit loop does next (already done if the task read estimated_stepping_batches)
+        setup_train_data(trainer)  # what the fit loop does next (done already if the task read the stepping batches)
         if trainer.num_training_batches == 0:
             loader = trainer.train_dataloader
             size = len(loader.dataset) if hasattr(getattr(loader, "dataset", None), "__len__") else "?"
@@ -199,6 +227,7 @@ class RAVLTCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         # Always our own arguments (config names resolved): Lightning's warning about args beside sys.argv does not apply.
         self.config = parser.parse_args(args)
+        private(LightningCLI, "_parse_ckpt_path")  # the hook replaced below: were it gone, its checks would never run
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` (and find ``last``) before anything is built; the model stays the config's.
@@ -267,18 +296,47 @@ class RAVLTCLI(LightningCLI):
             init_args["num_classes"] = counted
 
     def instantiate_trainer(self, **kwargs):
-        config = self._get(self.config_init, "trainer", default={})
+        config = config_section(self, self.config_init, "trainer", default={})
         configured = config.get("callbacks") or []
         callbacks = kwargs.setdefault("callbacks", list(configured) if isinstance(configured, list) else [configured])
         # A YAML's own `trainer.callbacks:` list replaces the default one: ours come back beside it.
         callbacks += [cls(**args) for cls, args in DEFAULT_CALLBACKS if not any(type(c) is cls for c in callbacks)]
+        if config.get("enable_checkpointing") is False:  # honoured: our checkpoint callbacks stay out
+            callbacks[:] = [c for c in callbacks if type(c) not in (BestCheckpoint, LastCheckpoint)]
+            if theirs := [type(c).__name__ for c in callbacks if isinstance(c, ModelCheckpoint)]:
+                raise ConfigError(f"--trainer.enable_checkpointing false, but trainer.callbacks has "
+                                  f"{', '.join(theirs)}; drop one of the two")  # fmt: skip
+        if config.get("logger") in (None, True) and not config.get("fast_dev_run") and rank_zero_only.rank == 0:
+            root = str(config.get("default_root_dir") or os.getcwd())
+            if "://" not in root:  # Lightning's default logger, in a version directory claimed now (not at first log)
+                kwargs["logger"] = RunLogger(root, version=claim_version(Path(root) / "lightning_logs"))
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # checkpoints written temp + rename
             kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
+    def _check_masks(self) -> None:
+        """A mask detector on data read without masks: one line, not torchvision's traceback from the first step."""
+        iou_types = getattr(self.model, "iou_types", ())
+        if "segm" in iou_types and getattr(self.datamodule, "with_masks", True) is False:
+            detector = type(getattr(self.model, "model", self.model)).__name__
+            raise ConfigError(f"--data.init_args.with_masks false, but {detector} predicts instance masks "
+                              f"(iou_types {', '.join(iou_types)}): give it data with masks, or use a box-only "
+                              "detector config (configs/finetune/...)")  # fmt: skip
+
+    def before_validate(self) -> None:
+        self._check_masks()
+
+    def before_test(self) -> None:
+        self._check_masks()
+
     def before_fit(self) -> None:
+        self._check_masks()
+        trainer = self.trainer
+        if trainer.max_epochs == -1 and trainer.max_steps == -1:
+            raise ConfigError("--trainer.max_epochs -1 (no end) needs --trainer.max_steps N: the learning-rate "
+                              "schedule is laid out over the run's steps")  # fmt: skip
         try:  # a bad optimizer argument (a negative lr ...) now, not as a traceback from configure_optimizers
             self.model.optimizer(self.model.parameters())
         except ValueError as err:
@@ -293,6 +351,7 @@ def build_cli(args: list[str], run: bool = True, prog: str = PROG) -> RAVLTCLI:
         subclass_mode_data=True,
         args=args,
         run=run,
+        save_config_callback=AtomicSaveConfig,
         save_config_kwargs={"overwrite": True},
         parser_class=RAVLTArgumentParser,
         parser_kwargs={"prog": prog, "description": DESCRIPTION, "formatter_class": _RawDescription},
@@ -303,14 +362,32 @@ class _RawDescription(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter
     """jsonargparse's help, with the description's lines kept (the list of our subcommands)."""
 
 
+@contextlib.contextmanager
+def _lightning_quiet():
+    """Lightning's INFO lines (seed, devices, tips) and its hint to run under ``srun`` (a one-process count
+    needs no Slurm) held back; its other warnings and errors still show."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def summary(args: list[str]) -> dict:
     """Build the config's task (no data read) and count parameters and GFLOPs (multiply-adds).
 
     FLOPs come from ``torch.utils.flop_counter`` (matmuls, convolutions, attention; not norms or
     element-wise ops), halved to multiply-adds as papers report them.
     """
-    cli = build_cli(args + ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-                            "--trainer.num_nodes", "1"], run=False, prog=f"{PROG} summary")  # fmt: skip
+    with _lightning_quiet():  # its seed, GPU/TPU and tip lines: the output is the JSON line alone
+        cli = build_cli(args + ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                                "--trainer.num_nodes", "1"], run=False, prog=f"{PROG} summary")  # fmt: skip
     task: BaseTask = cli.model
     config = next((a for a in args if a.endswith((".yaml", ".yml"))), None)
     height, width = task.summary_input_size
@@ -362,7 +439,7 @@ def main(args: list[str] | None = None) -> RAVLTCLI | dict | None:
     except SIGTERMException as err:  # FaultTolerance names the signal, step and checkpoint when it stops a fit
         sys.exit(str(err) if str(err) else
                  "stopped by SIGTERM; a requeued Slurm job resumes by itself, else rerun with --ckpt_path last")
-    except (DatasetError, CheckpointError, ConfigError, FileNotFoundError) as err:
+    except (DatasetError, CheckpointError, ConfigError, FileNotFoundError, WriteError) as err:
         message = str(err).split("Original Traceback")[0].strip()
         if "DataLoader worker" in message:  # keep the named file, drop the worker preamble
             message = str(err).strip().splitlines()[-1]

@@ -165,6 +165,28 @@ main(resumed)
 """
 
 
+def test_a_data_error_before_the_first_step_writes_nothing_and_last_stays_the_real_progress(synthetic_cls, tmp_path):
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(synthetic_cls, data)
+    main(fit_args(data, out, "--trainer.max_steps", "4"))
+    progress = find_last_checkpoint(out)
+    assert global_step(progress) == 4
+    before = sorted(out.rglob("*.ckpt"))
+    for image in (data / "train").rglob("*.JPEG"):  # the second run cannot read its first batch
+        image.write_bytes(b"not an image")
+    with pytest.raises(SystemExit, match="cannot be read as an image"):
+        main(fit_args(data, out))
+    assert sorted(out.rglob("*.ckpt")) == before  # no step-0 last.ckpt
+    assert find_last_checkpoint(out) == progress
+
+
+def test_ckpt_path_last_passes_over_a_checkpoint_of_step_0(tmp_path):
+    real, empty = tmp_path / "version_0" / "last.ckpt", tmp_path / "version_1" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 4}, real)
+    AtomicCheckpointIO().save_checkpoint({"global_step": 0}, empty)  # newer
+    assert find_last_checkpoint(tmp_path) == real
+
+
 def test_sigusr1_outside_slurm_checkpoints_and_stops_saying_so_and_is_ignored_after_training(synthetic_cls, tmp_path):
     """In a child process, which the default action of SIGUSR1 would kill (exit code -10, no word):
     a fit that gets SIGUSR1 after step 3, then ``--ckpt_path last`` with a SIGUSR1 after training."""
@@ -182,3 +204,23 @@ def test_sigusr1_outside_slurm_checkpoints_and_stops_saying_so_and_is_ignored_af
     assert "SIGUSR1: training has finished, nothing to do" in child.stderr
     checkpoints = sorted(tmp_path.rglob("last.ckpt"))  # version_0: the stop; version_1: the resumed run's end
     assert [global_step(c) for c in checkpoints] == [3, STEPS_PER_EPOCH]
+
+
+# -- two runs into one root ---------------------------------------------------------------------------
+def test_stale_temp_cleanup_spares_another_process_save_in_progress(tmp_path):
+    from ravlt_pl.reports import temp_owner
+
+    target = tmp_path / "last.ckpt"
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = temp_owner().rpartition("-")[0]
+        theirs = tmp_path / f".last.ckpt.{host}-{running.pid}.abc.tmp"  # another run's save, still being written
+        dead = tmp_path / f".last.ckpt.{host}-{2**22 + 17}.abc.tmp"  # a killed save
+        other_host = tmp_path / ".last.ckpt.elsewhere-1.abc.tmp"
+        for path in (theirs, dead, other_host):
+            path.write_bytes(b"partial")
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
+        assert theirs.exists() and other_host.exists() and not dead.exists()
+    finally:
+        running.kill()
+        running.wait()

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+import ravlt_pl
 from ravlt_pl.cli import main, resolve_config
 from tests.conftest import TINY, tiny_cli_args
 
+PACKAGE = Path(ravlt_pl.__file__).resolve().parent
 CONFIGS = Path(__file__).resolve().parents[1] / "ravlt_pl" / "configs"
 CLS_CONFIGS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml")
                      if "ImageNetDataModule" in p.read_text() and "finetune" not in p.parts)  # finetune: tests/tasks/test_finetune.py
@@ -119,9 +121,21 @@ def test_demo_runs_without_warnings_from_our_code(tmp_path, monkeypatch):
         data = demo.run("classification", ["--model.init_args.backbone_overrides", tiny, "--trainer.max_epochs", "1",
                                            "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0"])  # fmt: skip
     assert data["headline"]["value"] >= 0
-    ours = [str(w.message) for w in caught if "ravlt_pl" in w.filename or "LightningCLI" in str(w.message)
+    ours = [str(w.message) for w in caught if raised_in_our_package(w.filename) or "LightningCLI" in str(w.message)
             or "multiple `ModelCheckpoint`" in str(w.message)]  # fmt: skip
     assert not ours
+
+
+def raised_in_our_package(filename: str) -> bool:
+    """A warning from a file of the ravlt_pl package itself (not from a venv inside a clone named ravlt_pl)."""
+    return Path(filename).resolve().is_relative_to(PACKAGE)
+
+
+def test_warnings_filter_tells_our_package_from_a_venv_in_a_clone_named_ravlt_pl():
+    clone = PACKAGE.parent
+    assert raised_in_our_package(str(PACKAGE / "cli.py"))
+    assert not raised_in_our_package(str(clone / ".venv/lib/python3.11/site-packages/lightning/pytorch/trainer.py"))
+    assert not raised_in_our_package(str(clone / "ravlt_pl_notes" / "x.py"))
 
 
 def test_every_published_config_states_gpu_precision_and_cudnn_autotuning():
@@ -135,3 +149,23 @@ def test_every_published_config_states_gpu_precision_and_cudnn_autotuning():
         assert config["model"]["init_args"]["float32_matmul_precision"] == "high", path
         detection = "det" in path.parts or "DetectionTask" in config["model"]["class_path"]
         assert config["trainer"]["benchmark"] is not detection, path
+
+
+def test_summary_prints_only_its_json(tmp_path):
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-m", "ravlt_pl", "summary", "--config", "demo/cls.yaml"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert len(run.stdout.splitlines()) == 1 and json.loads(run.stdout)["model"] == "ClassificationTask"
+
+
+def test_readme_commands_run_the_venv_python():
+    """A fresh machine has no torch in its bare ``python``: every command the README gives uses .venv/bin/python
+    (the wheel's lines excepted: they run in the environment it was installed into)."""
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    bare = [line for line in readme.splitlines() if re.search(r"(^|`|srun )python3? (-m |scripts/)", line)
+            and "installs as a wheel" not in line and "ravlt_pl.demo classification` then run" not in line]  # fmt: skip
+    assert not bare, bare

@@ -82,6 +82,31 @@ def test_authors_release_with_its_argparse_namespace_loads(official_cls, tmp_pat
     assert not report.missing and not report.ignored
 
 
+# -- a pretrained file fills the whole backbone, or says so ---------------------------------------
+def test_pretrained_from_a_ddp_or_compiled_run_loads_every_backbone_tensor(tmp_path):
+    from ravlt_pl.tasks.classification import ClassificationTask
+
+    source = RAVLT(**json.loads(TINY_ARGS), num_classes=3)
+    for prefix in ("module.", "_orig_mod."):
+        path = tmp_path / f"{prefix.strip('.')}.pth"
+        torch.save({"model": {prefix + k: v for k, v in source.state_dict().items()}}, path)
+        task = ClassificationTask(num_classes=3, backbone_overrides=json.loads(TINY_ARGS), pretrained=str(path))
+        assert all(torch.equal(v, source.state_dict()[k]) for k, v in task.model.state_dict().items() if k.startswith("layers."))
+
+
+def test_pretrained_that_does_not_fit_stops_in_one_line_unless_partial_is_asked(tmp_path, caplog):
+    resnet = tmp_path / "resnet50.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 2048)}, resnet)
+    args = ["summary", "--config", "demo/cls.yaml", "--model.init_args.backbone_overrides", TINY_ARGS,
+            "--model.init_args.pretrained", str(resnet)]  # fmt: skip
+    message = error_of(args)
+    assert message.startswith(f"error: {resnet}: 0 of ") and "backbone tensors load; first unmatched: patch_embed." in message
+    assert "\n" not in message and "pretrained_strict false" in message
+    with caplog.at_level("WARNING", logger="ravlt_pl.models.checkpoint"):
+        assert main([*args, "--model.init_args.pretrained_strict", "false"])["params_m"] > 0
+    assert "stay at init: patch_embed." in caplog.text
+
+
 # -- --ckpt_path keeps the config -----------------------------------------------------------------
 def test_ckpt_path_applies_the_config_and_its_overrides(trained, synthetic_cls, tmp_path):
     cli = main(run_args("validate", synthetic_cls, tmp_path, "--ckpt_path", str(trained),
@@ -141,6 +166,12 @@ def test_bad_ckpt_paths_fail_in_one_line(trained, synthetic_cls, tmp_path, offic
         (["--model.init_args.optimizer.init_args.lr", "-0.1"], "error: model.init_args.optimizer: Invalid learning rate: -0.1"),
         (["--model.init_args.variant", "ravlt_x"], "error: unknown RAVLT variant 'ravlt_x'; choose one of"),
         (["--model.init_args.pretrained", "absent.pth"], "error: absent.pth: no such checkpoint file"),
+        (["--data.init_args.batch_size", "0"], "error: --data.init_args.batch_size 0: must be a positive number"),
+        (["--data.init_args.batch_size", "-1"], "error: --data.init_args.batch_size -1: must be a positive number"),
+        (["--data.init_args.num_workers", "-2"], "error: --data.init_args.num_workers -2: must be 0"),
+        (["--trainer.max_steps", "-1", "--trainer.max_epochs", "-1"], "error: --trainer.max_epochs -1 (no end) needs --trainer.max_steps"),
+        (["--trainer.enable_checkpointing", "false", "--trainer.callbacks+=ModelCheckpoint"],
+         "error: --trainer.enable_checkpointing false, but trainer.callbacks has ModelCheckpoint"),
     ],
 )
 def test_bad_values_fail_in_one_line(override, reason, synthetic_cls, tmp_path):
@@ -162,3 +193,69 @@ def test_ckpt_path_last_resumes_the_newest_last_checkpoint(trained, synthetic_cl
     shutil.copy(trained, saved)
     cli = main(run_args("fit", synthetic_cls, tmp_path, "--ckpt_path", "last", "--trainer.max_epochs", "2"))
     assert Path(cli.trainer.ckpt_path) == saved and cli.trainer.global_step == 10
+
+
+def test_enable_checkpointing_false_is_honoured(synthetic_cls, tmp_path):
+    cli = main(run_args("fit", synthetic_cls, tmp_path, "--trainer.max_steps", "2", "--trainer.enable_checkpointing", "false"))
+    assert cli.trainer.global_step == 2 and not cli.trainer.checkpoint_callbacks
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("command", ["fit", "analyze-rank"])
+def test_config_files_that_are_not_yaml_files_fail_in_one_line_naming_file_and_line(command, tmp_path):
+    tab, bracket = tmp_path / "tab.yaml", tmp_path / "bracket.yaml"
+    tab.write_text("model:\n  init_args:\n\tvariant: ravlt_t\n")
+    bracket.write_text("model:\n  init_args: {variant: [ravlt_t\ntrainer:\n  max_steps: 1\n")
+    expected = {
+        tab: f"error: --config {tab}, line 3 column 1: not valid YAML: found a tab that cannot start any token (YAML indents with spaces, not tabs)",
+        bracket: f"error: --config {bracket}, line 3 column 8: not valid YAML: expected ',' or ']', but got ':'",
+        tmp_path: f"error: --config {tmp_path}: is a directory; give a YAML file (in it: bracket.yaml, tab.yaml)",
+    }
+    for path, message in expected.items():
+        assert error_of([command, "--config", str(path)]) == message
+
+
+def test_a_full_disk_while_writing_config_or_reports_stops_in_one_line(synthetic_cls, tmp_path, monkeypatch):
+    import errno
+
+    real_write_text = Path.write_text
+
+    def fill_disk(names):
+        def write_text(self, *args, **kwargs):
+            if any(self.name.startswith(f".{name}.") for name in names):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write_text(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "write_text", write_text)
+
+    fill_disk(["config.yaml"])
+    message = error_of(run_args("fit", synthetic_cls, tmp_path / "a", "--trainer.max_steps", "1"))
+    assert message.startswith("error: cannot write ") and message.endswith(
+        "config.yaml: [Errno 28] No space left on device (the previous config.yaml, if any, is unchanged)")
+    assert not list((tmp_path / "a").rglob("config.yaml")) and not list((tmp_path / "a").rglob("*.tmp"))
+    fill_disk(["classification_val.md"])
+    message = error_of(run_args("validate", synthetic_cls, tmp_path / "b"))
+    assert "classification_val.md: [Errno 28] No space left on device" in message and "\n" not in message
+    assert not list((tmp_path / "b").rglob("classification_val*")) and not list((tmp_path / "b").rglob("*.tmp"))
+
+
+# -- box-only data and a mask detector --------------------------------------------------------------
+def test_box_only_data_with_mask_rcnn_names_the_file_and_the_way_out(tmp_path):
+    from ravlt_pl.data.synthetic import make_detection
+    from tests.tasks.test_detection import small_detector_args
+
+    root = make_detection(tmp_path / "boxes", num_train=2, num_val=2, image_size=(80, 64))
+    for ann_file in (root / "annotations").glob("*.json"):
+        data = json.loads(ann_file.read_text())
+        for ann in data["annotations"]:
+            del ann["segmentation"]
+        ann_file.write_text(json.dumps(data))
+    args = ["fit", "--config", "demo/det.yaml", *small_detector_args(rcnn=True), "--data.init_args.root", str(root),
+            "--data.init_args.num_classes", "5", "--data.init_args.num_workers", "0", "--trainer.max_steps", "1",
+            "--trainer.default_root_dir", str(tmp_path / "run")]  # fmt: skip
+    message = error_of(args)
+    assert message.startswith(f"error: {root / 'annotations' / 'instances_train2017.json'}: annotations[0]")
+    assert "box-only detector config (configs/finetune/...) with --data.init_args.with_masks false" in message
+    assert error_of([*args, "--data.init_args.with_masks", "false"]) == (
+        "error: --data.init_args.with_masks false, but RAVLTMaskRCNN predicts instance masks (iou_types bbox, segm): "
+        "give it data with masks, or use a box-only detector config (configs/finetune/...)")  # fmt: skip

@@ -579,36 +579,41 @@ def plot(results, args, path):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m ravlt_pl benchmark", description=__doc__.split("\n")[0])
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p = argparse.ArgumentParser(prog="python -m ravlt_pl benchmark", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # each help shows its default
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the models run (cuda when a GPU is visible)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16 via autocast")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="inputs and weights in channels_last memory format")
     p.add_argument("--compile", nargs="*", default=None, metavar="MODEL",
                    help="add '<name>+compile' rows (torch.compile): for the listed models, or all when none is listed")
     p.add_argument("--freezing", action="store_true",
                    help="with --compile: inductor freezing for inference (weights as constants, oneDNN "
                         "prepacking and conv+pointwise fusion; the standard CPU inference setting), on "
                         "a separate compiled copy so training rows stay correct")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; None keeps torch's choice")
     p.add_argument("--malloc", choices=["default", "tuned"], default="default",
                    help="tuned: glibc keeps freed memory for reuse (see tune_glibc_malloc); all models alike")
-    p.add_argument("--resolutions", type=int, nargs="+", default=[224])
-    p.add_argument("--models", nargs="*", default=DEFAULT_MODELS)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1])
+    p.add_argument("--resolutions", type=int, nargs="+", default=[224], metavar="SIDE", help="square input sides (px)")
+    p.add_argument("--models", nargs="*", default=DEFAULT_MODELS, metavar="MODEL",
+                   help="models to time: ours (ravlt_t/s/b/l, *_reference) or timm names; none listed: no timing rows")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1], metavar="N", help="inference batch sizes")
     p.add_argument("--train-batch-size", type=int, default=8,
-                   help="0: no training rows (an inference-only process: the allocator never sees a training step)")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+                   help="training-step batch; 0: no training rows (an inference-only process: the allocator never "
+                        "sees a training step)")
+    p.add_argument("--rounds", type=int, default=5, help="timing rounds over all models (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up calls per model and case before timing")
     p.add_argument("--min-sample-time", type=float, default=0.2,
                    help="seconds per timing sample (iterations per sample calibrated during warm-up)")
-    p.add_argument("--baseline", default="ravlt_s_reference")
-    p.add_argument("--out", type=Path, default=Path("reports/benchmark"))
+    p.add_argument("--baseline", default="ravlt_s_reference", metavar="MODEL", help="the model ratios are taken to")
+    p.add_argument("--out", type=Path, default=Path("reports/benchmark"), metavar="DIR",
+                   help="folder of the JSON, Markdown and PNG results")
     p.add_argument("--profile", action="store_true", help="torch.profiler top-25 operators for RAVLT-S")
     p.add_argument("--scaling", action="store_true", help="RAVLT-T at 224/448/896², published vs all-linear")
     p.add_argument("--data-loading", action="store_true",
                    help="images/s per worker of the ImageNet/COCO/ADE20K training pipelines (synthetic sets)")
     p.add_argument("--data-seconds", type=float, default=3.0, help="seconds per pipeline per data round")
-    p.add_argument("--data-rounds", type=int, default=3)
+    p.add_argument("--data-rounds", type=int, default=3, help="rounds of the data-loading benchmark")
     p.add_argument("--data-workers", type=int, default=2, help="DataLoader workers for the scaling check")
     p.add_argument("--feed-img-s", nargs="*", default=[], metavar="PIPELINE=IMG_S", type=_feed,
                    help="training images/s to feed, e.g. imagenet=1200 coco=25 ade20k=60 (a GPU's rates)")

@@ -11,6 +11,7 @@ from lightning.pytorch import LightningDataModule
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
+from ..lightning_compat import resume_position
 from .errors import DatasetError
 
 
@@ -62,6 +63,11 @@ class BaseDataModule(LightningDataModule):
         super().__init__()
         if global_batch_size is None and batch_size is None:
             raise ValueError("set data.batch_size (per device) or data.global_batch_size")
+        for name, value in (("batch_size", batch_size), ("global_batch_size", global_batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"--data.init_args.{name} {value}: must be a positive number of images")
+        if num_workers < 0:
+            raise ValueError(f"--data.init_args.num_workers {num_workers}: must be 0 (the main process loads) or more")
         self.root = Path(root)
         self.predict_dir = Path(predict_dir) if predict_dir is not None else None
         self.global_batch_size = global_batch_size
@@ -112,11 +118,7 @@ class BaseDataModule(LightningDataModule):
 
     def _resume_position(self) -> tuple[int, int] | None:
         """(epoch, batches of it already trained) while ``fit`` restarts from a checkpoint, else None."""
-        trainer = self.trainer
-        if trainer is None or not trainer.fit_loop.restarting:
-            return None
-        loop = trainer.fit_loop
-        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+        return resume_position(self.trainer) if self.trainer is not None else None
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer

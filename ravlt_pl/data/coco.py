@@ -321,18 +321,28 @@ class COCODataModule(BaseDataModule):
         if stage == "test" and "test" not in self.datasets:
             self.datasets["test"] = self._dataset("test", train=False)
         if stage == "predict" and "predict" not in self.datasets:
-            self.datasets["predict"] = PredictFolder(self.predict_dir or self._default_predict_dir(),
-                                                     ImageOnly(eval_transform(self.scale)))  # fmt: skip
+            self.datasets["predict"] = self._predict_folder()
             self._info = self._predict_info()
 
-    def _default_predict_dir(self) -> Path:
-        """The validation images (of the train file where there is no val split); COCO-2017's ``val2017/``
-        when there are no annotation files at all (predict needs none)."""
+    def _predict_folder(self) -> PredictFolder:
+        """``predict_dir`` with its sub-folders; without one, the validation images (of the train file where
+        there is no val split) as their annotation file lists them (their COCO ids, ``file_name`` sub-folders
+        included), or all images under that folder; COCO-2017's ``val2017/`` when there are no annotation
+        files at all (predict needs none)."""
+        transform = ImageOnly(eval_transform(self.scale))
+        if self.predict_dir is not None:
+            return PredictFolder(self.predict_dir, transform, recursive=True)
         try:
             files = self.files()
         except DatasetError:
-            return self.root / self.splits["val"]
-        return (files.get("val") or files["train"]).images
+            return PredictFolder(self.root / self.splits["val"], transform, recursive=True)
+        split = files.get("val") or files["train"]
+        images = load_json(split.annotations).get("images")
+        listed = isinstance(images, list) and all(isinstance(i, dict) and {"id", "file_name"} <= set(i) for i in images)
+        if not listed or not all((split.images / i["file_name"]).is_file() for i in images):
+            return PredictFolder(split.images, transform, recursive=True)
+        return PredictFolder(split.images, transform, files=[split.images / i["file_name"] for i in images],
+                             image_ids=[int(i["id"]) for i in images])  # fmt: skip
 
     def _predict_info(self) -> DatasetInfo:
         """Category ids/names from the train annotation file when there is one, else ``1..num_classes``."""

@@ -66,6 +66,12 @@ def read_split(ann_file: Path, image_dir: Path, train: bool, with_masks: bool, b
             missing = [f for f in fields if not isinstance(record, dict) or f not in record]
             if missing:
                 rid = record.get("id") if isinstance(record, dict) else None
+                if missing == ["segmentation"]:  # box-only data, a mask-reading data module
+                    raise DatasetError(
+                        f"{ann_file}: {key}[{i}] (id {rid}) has no 'segmentation': box-only annotations, but this "
+                        "config trains instance masks; for box-only data use a box-only detector config "
+                        "(configs/finetune/...) with --data.init_args.with_masks false"
+                    )
                 raise DatasetError(f"{name}: {key}[{i}] (id {rid}) lacks {', '.join(map(repr, missing))}; "
                                    f"each entry of {key!r} needs {', '.join(fields)}")  # fmt: skip
     categories = {c["id"]: c["name"] for c in data["categories"]}

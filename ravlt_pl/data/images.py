@@ -71,18 +71,23 @@ class PredictFolder(Dataset):
     """The images of a folder, for ``predict``.
 
     Items: ``image`` (``transform`` of the RGB image, a torchvision-style callable on PIL images),
-    ``path`` (str), ``index`` (the position in the sorted listing) and ``orig_size`` (H, W).
+    ``path`` (str), ``file_name`` (the path relative to the folder), ``index`` (the position in the
+    listing), ``image_id`` and ``orig_size`` (H, W). ``files`` and ``image_ids`` may be given (a COCO
+    annotation file's images); else the folder is listed, and the ids are the file names where every
+    name is a distinct number (COCO's ``000000000139.jpg``), else 1..N, one per file.
     ``exif_transpose``: as :func:`read_rgb` (the task's training orientation).
     """
 
     def __init__(self, folder: str | Path, transform: Callable[[Image.Image], Any], recursive: bool = False,
+                 files: list[Path] | None = None, image_ids: list[int] | None = None,
                  exif_transpose: bool = False) -> None:  # fmt: skip
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise DatasetError(f"{self.folder}: folder of images to predict not found; set --data.init_args.predict_dir")
-        self.files = list_images(self.folder, recursive)
+        self.files = list(files) if files is not None else list_images(self.folder, recursive)
         if not self.files:
             raise DatasetError(f"{self.folder}: no images ({', '.join(IMAGE_SUFFIXES)}) to predict")
+        self.image_ids = list(image_ids) if image_ids is not None else _ids_from_names(self.files)
         self.transform = transform
         self.exif_transpose = exif_transpose
 
@@ -92,7 +97,16 @@ class PredictFolder(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[index]
         image = read_rgb(path, self.exif_transpose)
-        return {"image": self.transform(image), "path": str(path), "index": index, "orig_size": (image.height, image.width)}
+        return {"image": self.transform(image), "path": str(path),
+                "file_name": path.relative_to(self.folder).as_posix(), "index": index,
+                "image_id": self.image_ids[index], "orig_size": (image.height, image.width)}  # fmt: skip
+
+
+def _ids_from_names(files: list[Path]) -> list[int]:
+    numbers = [int(p.stem) if p.stem.isdigit() else None for p in files]
+    if None not in numbers and len(set(numbers)) == len(numbers):
+        return numbers
+    return list(range(1, len(files) + 1))
 
 
 class ImageOnly:

@@ -9,6 +9,7 @@ with :func:`read_checkpoint`, which every user file goes through: tensors and pl
 from __future__ import annotations
 
 import argparse
+import logging
 import pickle
 import re
 import zipfile
@@ -18,6 +19,8 @@ from typing import Mapping, Sequence
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -42,6 +45,18 @@ class LoadReport:
 
 def _preview(keys: Sequence[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") if keys else "none"
+
+
+def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys as the unwrapped module names them: without DDP's / DataParallel's leading ``module.`` and
+    ``torch.compile``'s ``_orig_mod.`` (at the start, or inside where a submodule was compiled)."""
+    stripped = {}
+    for key, value in state.items():
+        key = key.replace("._orig_mod.", ".")
+        while key.startswith(("module.", "_orig_mod.")):
+            key = key.split(".", 1)[1]
+        stripped[key] = value
+    return stripped
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> dict:
@@ -103,7 +118,7 @@ def extract_backbone_state(checkpoint: Mapping, source: str, use_ema: bool = Fal
         state = checkpoint["model"]
     elif "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
         # mmdet/mmseg: "backbone.<name>"; our ClassificationTask's Lightning checkpoint: "model.<name>".
-        full = checkpoint["state_dict"]
+        full = strip_wrapper_prefixes(checkpoint["state_dict"])
         for prefix in ("backbone.", "model."):
             state = {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
             if state:
@@ -115,10 +130,16 @@ def extract_backbone_state(checkpoint: Mapping, source: str, use_ema: bool = Fal
             )
     else:
         state = checkpoint
+    state = strip_wrapper_prefixes(state)
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{source}: entry {bad[0]!r} is not a tensor; not a RAVLT state dict")
     return dict(state)
+
+
+#: Model tensors a backbone checkpoint need not hold: the dense form's ``extra_norms`` (the ImageNet
+#: release has none; detectors and segmentors train them from their init).
+OPTIONAL_PREFIXES = ("extra_norms.",)
 
 
 def load_official(
@@ -126,13 +147,17 @@ def load_official(
     checkpoint: str | Path | Mapping,
     use_ema: bool = False,
     exclude: Sequence[str] = (),
+    strict: bool = True,
 ) -> LoadReport:
     """Load an authors' checkpoint (path or loaded dict) into ``model``; return a :class:`LoadReport`.
 
     Keys the model lacks (a classifier head into a dense backbone, a detector's neck) are ignored
-    and reported; model keys the checkpoint lacks (``extra_norms``) are left at init and reported.
+    and reported; DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes are stripped.
+    Every model tensor must load except ``extra_norms`` (left at init) and those under ``exclude``
+    (e.g. ``("head.",)`` to fine-tune on other classes): otherwise :class:`CheckpointError` says how
+    many loaded and the first unmatched key, or, with ``strict=False``, a WARNING lists what stays at init.
     Any shape mismatch raises :class:`CheckpointError` naming the first key and both shapes, unless
-    the key starts with one of ``exclude`` (e.g. ``("head.",)`` to fine-tune on other classes).
+    the key is under ``exclude``.
     """
     raw, source = read_checkpoint(checkpoint)
     state = checkpoint_filter_fn(extract_backbone_state(raw, source, use_ema), model)
@@ -151,5 +176,16 @@ def load_official(
             to_load[key] = value
     report.loaded = sorted(to_load)
     report.missing = sorted(k for k in own if k not in to_load)
+    required = [k for k in own if not k.startswith((*exclude, *OPTIONAL_PREFIXES))]
+    unmatched = [k for k in required if k not in to_load]
+    if unmatched:
+        unused = next((k for k in state if k not in to_load), None)
+        hint = f" (first unused checkpoint key: {unused})" if unused else " (absent from the file)"
+        what = (f"{source}: {len(required) - len(unmatched)} of {len(required)} backbone tensors load; "
+                f"first unmatched: {unmatched[0]}{hint}")
+        if strict:
+            raise CheckpointError(f"{what}; is it a RAVLT backbone of this variant? (to load only what matches: "
+                                  "--model.init_args.pretrained_strict false)")
+        log.warning("%s; %d stay at init: %s", what, len(unmatched), _preview(unmatched, 10))
     model.load_state_dict(to_load, strict=False)
     return report

@@ -19,6 +19,7 @@ from timm.models import group_parameters
 
 from ..callbacks import check_checkpoint_compatible
 from ..ema import EMA
+from ..lightning_compat import attached_trainer
 from ..models import RAVLT, load_official
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,8 @@ class BaseTask(LightningModule):
             whose head still trains); its BatchNorm statistics stay fixed too.
         layer_decay: layer-wise lr decay: each RAVLT block's lr × ``layer_decay ** (blocks after it)``
             (timm's ``layer_decay``, see :func:`layer_scales`); ``None``: one lr.
+        pretrained_strict: refuse a ``pretrained`` file that does not fill every backbone tensor (``False``:
+            load what matches and warn about the rest).
         report_dir: where ``validate``/``test``/``predict`` write reports (default: the run's log dir).
         weight_decay_exempt: parameters trained without weight decay: ``"1d"`` (every parameter of at
             most one dimension and every bias) and/or parameter-name substrings (see :func:`param_groups`);
@@ -197,6 +200,7 @@ class BaseTask(LightningModule):
         ema_horizon: float | None = None,
         freeze_backbone: bool = False,
         layer_decay: float | None = None,
+        pretrained_strict: bool = True,
     ) -> None:
         super().__init__()
         # Here, not in the subclasses: the frames of both __init__ are read, so every argument is recorded
@@ -207,6 +211,7 @@ class BaseTask(LightningModule):
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.pretrained = pretrained
+        self.pretrained_strict = pretrained_strict
         self._report_dir = report_dir
         self.weight_decay_exempt = (
             list(self.default_weight_decay_exempt) if weight_decay_exempt is None else list(weight_decay_exempt)
@@ -228,7 +233,7 @@ class BaseTask(LightningModule):
     def load_pretrained_backbone(self, backbone: nn.Module, exclude: Sequence[str] = ("head.",)) -> None:
         """Initialise ``backbone`` from ``self.pretrained`` (the authors' checkpoint or a bare state dict)."""
         if self.pretrained:
-            report = load_official(backbone, self.pretrained, exclude=exclude)
+            report = load_official(backbone, self.pretrained, exclude=exclude, strict=self.pretrained_strict)
             log.info("pretrained backbone: %s", report)
 
     def load_pretrained(self) -> None:
@@ -278,7 +283,7 @@ class BaseTask(LightningModule):
         """Refuse a checkpoint of another config with what differs, not a size-mismatch traceback.
         Its weights replace ``pretrained``, which is then not read."""
         self._pretrained_pending = False
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         source = str(trainer.ckpt_path) if trainer is not None and trainer.ckpt_path else "checkpoint"
         if self.ema is not None:
             self.ema.load_from(checkpoint, source)

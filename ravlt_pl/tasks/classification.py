@@ -12,6 +12,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from ..lightning_compat import attached_trainer
 from ..models import build_backbone
 from .base import BaseTask
 from .classification_report import write_classification_report, write_predictions
@@ -143,7 +144,7 @@ class ClassificationTask(BaseTask):
 
     def class_names(self) -> list[str]:
         """The data module's class names (``info``), else the label numbers (no data module attached)."""
-        info = getattr(self.trainer.datamodule, "info", None) if self._trainer else None
+        info = getattr(self.trainer.datamodule, "info", None) if attached_trainer(self) else None
         return list(info.class_names) if info else [str(i) for i in range(self.hparams.num_classes)]
 
     def on_predict_epoch_end(self) -> None:

@@ -8,7 +8,6 @@ COCO-format result files are written at the end of ``validate``/``test``/``predi
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
@@ -21,6 +20,7 @@ from pycocotools.cocoeval import Params
 from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
 
+from ..lightning_compat import attached_trainer
 from ..models import released
 from ..models.checkpoint import read_checkpoint
 from ..models.detection import dummy_forward, rescale_detections
@@ -239,14 +239,14 @@ class DetectionTask(BaseTask):
         category_ids, names = self.category_ids(), self.category_names()
         out = []
         threshold = self.hparams.draw_score_threshold
-        for image, orig, size, path, index in zip(images, original, batch["orig_size"], batch["path"], batch["index"]):
-            path = Path(path)
-            image_id = int(path.stem) if path.stem.isdigit() else int(index)  # COCO names files by image id
-            self._results += coco_results(orig, image_id, category_ids)
+        for image, orig, size, path, file_name, image_id in zip(images, original, batch["orig_size"], batch["path"],
+                                                                batch["file_name"], batch["image_id"]):  # fmt: skip
+            self._results += [dict(r, file_name=file_name) for r in coco_results(orig, image_id, category_ids)]
             shown = at_input_size(orig, size, tuple(image.shape[-2:]), threshold)
             drawn = detection_report.draw_detections(image.cpu(), shown, names, threshold)
-            detection_report.save_drawn(self.report_dir() / "drawn" / f"{path.stem}.png", drawn)
-            out.append({"image_id": image_id, "path": str(path), "file_name": path.name,
+            # drawn/<file name>.png: one per source file (a.jpg and a.png, sub/a.jpg do not meet)
+            detection_report.save_drawn(self.report_dir() / "drawn" / f"{file_name}.png", drawn)
+            out.append({"image_id": image_id, "path": str(path), "file_name": file_name,
                         **{k: orig[k].cpu() for k in ("boxes", "scores", "labels")}})  # fmt: skip
         return out
 
@@ -261,12 +261,12 @@ class DetectionTask(BaseTask):
     # -- reports -----------------------------------------------------------------------------------
     def category_ids(self) -> list[int]:
         """Label → dataset category id (the data module's mapping, else ``1..num_classes``)."""
-        info = getattr(self.trainer.datamodule, "info", None) if self._trainer else None
+        info = getattr(self.trainer.datamodule, "info", None) if attached_trainer(self) else None
         ids = info.category_ids if info else None
         return list(ids) if ids else list(range(1, self.hparams.num_classes + 1))
 
     def category_names(self) -> list[str]:
-        info = getattr(self.trainer.datamodule, "info", None) if self._trainer else None
+        info = getattr(self.trainer.datamodule, "info", None) if attached_trainer(self) else None
         return list(info.class_names) if info else [str(i) for i in self.category_ids()]
 
     def write_report(self, stage: str, values: dict[str, float], computed: dict, results: list[dict]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,14 +33,20 @@ MISSING_NOTE = (
 MIN_DRAWN_SIDE = 480
 
 
-def write_results(out_dir: Path, results: Sequence[dict], iou_types: Sequence[str]) -> list[Path]:
-    """``predictions_bbox.json`` (and ``predictions_segm.json``) in the COCO results format, compact JSON."""
-    paths = []
+def results_files(results: Sequence[dict], iou_types: Sequence[str]) -> dict[str, Callable[[Path], None]]:
+    """``predictions_bbox.json`` (and ``predictions_segm.json``) in the COCO results format, compact JSON:
+    file name → writer, for :func:`~ravlt_pl.reports.write_files`."""
+    files = {}
     for iou in iou_types:
-        keys = ("image_id", "category_id", "bbox" if iou == "bbox" else "segmentation", "score")
-        text = json.dumps([{k: r[k] for k in keys} for r in results])
-        paths.append(reports.write_text(out_dir / f"predictions_{iou}.json", text))
-    return paths
+        keys = ("image_id", "category_id", "bbox" if iou == "bbox" else "segmentation", "score", "file_name")
+        text = json.dumps([{k: r[k] for k in keys if k in r} for r in results])  # file_name: predict's source file
+        files[f"predictions_{iou}.json"] = lambda tmp, text=text: tmp.write_text(text, encoding="utf-8")
+    return files
+
+
+def write_results(out_dir: Path, results: Sequence[dict], iou_types: Sequence[str]) -> list[Path]:
+    """The COCO results files of :func:`results_files` in ``out_dir``, written as one set."""
+    return reports.write_files({out_dir / name: write for name, write in results_files(results, iou_types).items()})
 
 
 def write_report(
@@ -80,7 +86,7 @@ def write_report(
         "metrics": {iou: {k: round(v, 4) for k, v in values.items()} for iou, values in metrics.items()},
         "per_category_ap": {iou: {k: round(v, 4) for k, v in aps.items()} for iou, aps in per_category.items()},
         "num_detections": len(results),
-        "predictions": [p.name for p in write_results(out_dir, results, iou_types)],
+        "predictions": list(predictions := results_files(results, iou_types)),
     }
     md = f"# Detection report ({stage})\n\n{model}, weights: {weights}.\n\n"
     md += f"Protocol: {protocol}.\n\n" if protocol else ""
@@ -100,7 +106,7 @@ def write_report(
         figures["predictions"] = drawn_figure(drawn, names, draw_threshold)
         md += (f"\nFigure `detection_{stage}_predictions.png`: ground truth (left) beside the detections "
                f"scoring ≥ {draw_threshold:.2f} (right), first {len(drawn)} images.\n")  # fmt: skip
-    paths = reports.write_report(out_dir, f"detection_{stage}", data, md, figures)
+    paths = reports.write_report(out_dir, f"detection_{stage}", data, md, figures, extra=predictions)
     print(f"report: {headline[0]} {headline[1]:.4f}; written to {', '.join(map(str, paths.values()))}")
     return paths
 

@@ -60,7 +60,11 @@ def test_predict_folder_lists_images_sorted_and_skips_hidden(tmp_path: Path) -> 
     assert [p.name for p in flat.files] == ["a.jpg", "b.png"]
     deep = PredictFolder(tmp_path, lambda image: image.size, recursive=True)
     assert [p.relative_to(tmp_path).as_posix() for p in deep.files] == ["a.jpg", "b.png", "sub/c.png"]
-    assert deep[2] == {"image": (6, 4), "path": str(tmp_path / "sub/c.png"), "index": 2, "orig_size": (4, 6)}
+    assert deep[2] == {"image": (6, 4), "path": str(tmp_path / "sub/c.png"), "file_name": "sub/c.png", "index": 2,
+                       "image_id": 3, "orig_size": (4, 6)}  # fmt: skip
+    numbered = [tmp_path / f"{n}.png" for n in ("000000000139", "7")]
+    assert PredictFolder(tmp_path, lambda image: image, files=numbered).image_ids == [139, 7]  # COCO's names are ids
+    assert PredictFolder(tmp_path, lambda image: image, files=[tmp_path / "1.png", tmp_path / "a.jpg"]).image_ids == [1, 2]
 
 
 def test_predict_folder_missing_or_empty_names_the_folder(tmp_path: Path) -> None:

@@ -87,3 +87,39 @@ def test_our_classification_checkpoint_initialises_a_dense_backbone(official_cls
     model = RAVLT(**official_cls["config"], out_indices=(0, 1, 2, 3))
     report = load_official(model, lightning_ckpt)
     assert "layers.0.blocks.0.attn.qkvo.weight" in report.loaded and "head.weight" in report.ignored
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_ddp_and_compile_prefixes_are_stripped(prefix, cls_model, official_cls):
+    state = {prefix + k: v for k, v in official_cls["state_dict"].items()}
+    report = load_official(cls_model, {"model": state})
+    assert not report.missing and not report.ignored
+    assert rel_err(_logits(cls_model, official_cls), official_cls["logits"]) < 1e-5
+
+
+def test_compiled_submodule_in_a_lightning_checkpoint(official_cls):
+    model = RAVLT(**official_cls["config"], out_indices=(0, 1, 2, 3))
+    full = {f"model._orig_mod.{k}": v for k, v in official_cls["state_dict"].items()}
+    report = load_official(model, {"state_dict": full})
+    assert all(k.startswith("extra_norms.") for k in report.missing)
+
+
+def test_a_file_that_fills_no_backbone_tensor_is_refused_in_one_line(cls_model, official_cls):
+    resnet = {"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 2048)}
+    total = len(cls_model.state_dict())
+    with pytest.raises(CheckpointError, match=rf"0 of {total} backbone tensors load; first unmatched: patch_embed\..*conv1\.weight") as err:
+        load_official(cls_model, resnet)
+    assert "\n" not in str(err.value) and "pretrained_strict false" in str(err.value)
+    detector = {"state_dict": {f"model.backbone.body.{k}": v for k, v in official_cls["state_dict"].items()}}
+    with pytest.raises(CheckpointError, match="0 of"):
+        load_official(cls_model, detector)
+
+
+def test_a_partial_load_when_asked_warns_what_is_missing(cls_model, official_cls, caplog):
+    state = {k: v for k, v in official_cls["state_dict"].items() if not k.startswith("layers.3.")}
+    with pytest.raises(CheckpointError, match=r"first unmatched: layers\.3\..*\(absent from the file\)"):
+        load_official(cls_model, state)
+    with caplog.at_level("WARNING", logger="ravlt_pl.models.checkpoint"):
+        report = load_official(cls_model, state, strict=False)
+    assert report.loaded and any(k.startswith("layers.3.") for k in report.missing)
+    assert "stay at init: layers.3." in caplog.text

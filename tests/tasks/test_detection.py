@@ -269,12 +269,46 @@ def test_predict_writes_drawn_images_and_results_for_a_folder(coco_root, tmp_pat
     task = _task(report_dir=str(tmp_path))
     outputs = _trainer(tmp_path).predict(task, datamodule=_datamodule(coco_root, predict_dir=str(folder)))
     files = sorted(folder.iterdir())
-    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == sorted(f"{f.stem}.png" for f in files)
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == sorted(f"{f.name}.png" for f in files)
     results = json.loads((tmp_path / "predictions_segm.json").read_text())
     assert {r["image_id"] for r in results} <= {int(f.stem) for f in files}
     first = outputs[0][0]
     assert first["file_name"] == files[0].name and first["boxes"].shape[-1] == 4
     assert int(first["labels"].max()) < 5 and first["boxes"][:, 2].max() <= 80  # original pixels, 0-based labels
+
+
+def test_predict_gives_every_file_its_own_id_drawing_and_named_results(coco_root, tmp_path):
+    import shutil
+
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    first = sorted((coco_root / "val2017").iterdir())[0]
+    for name in ("1.jpg", "a.jpg", "a.png", "sub/a.jpg"):  # ids by name would meet (1 and index 1); stems too
+        shutil.copy(first, folder / name)
+    _trainer(tmp_path).predict(_task(report_dir=str(tmp_path / "out")), datamodule=_datamodule(coco_root, predict_dir=str(folder)))
+    drawn = sorted(p.relative_to(tmp_path / "out" / "drawn").as_posix() for p in (tmp_path / "out" / "drawn").rglob("*.png"))
+    assert drawn == ["1.jpg.png", "a.jpg.png", "a.png.png", "sub/a.jpg.png"]
+    results = json.loads((tmp_path / "out" / "predictions_bbox.json").read_text())
+    ids = {r["file_name"]: r["image_id"] for r in results}
+    assert set(ids) == {"1.jpg", "a.jpg", "a.png", "sub/a.jpg"} and len(set(ids.values())) == 4
+
+
+def test_coco_predict_without_a_folder_reads_the_annotation_file_images_and_ids(coco_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "coco"
+    shutil.copytree(coco_root, root)
+    ann_file = root / "annotations" / "instances_val2017.json"
+    data = json.loads(ann_file.read_text())
+    (root / "val2017" / "sub").mkdir()
+    moved = data["images"][0]
+    shutil.move(root / "val2017" / moved["file_name"], root / "val2017" / "sub" / moved["file_name"])
+    moved["file_name"] = f"sub/{moved['file_name']}"
+    ann_file.write_text(json.dumps(data))
+    dm = _datamodule(root)
+    dm.setup("predict")
+    items = [dm.datasets["predict"][i] for i in range(len(dm.datasets["predict"]))]
+    assert [(x["file_name"], x["image_id"]) for x in items] == [(i["file_name"], i["id"]) for i in data["images"]]
 
 
 def test_flops_forward_counts_backbone_and_heads():
