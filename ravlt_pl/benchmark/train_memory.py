@@ -16,6 +16,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,8 +31,9 @@ def _status_kb(field: str) -> int:
 
 
 def training_step_peak_mb(model: torch.nn.Module, resolution: int, batch_size: int, device: torch.device,
-                          dtype: str = "float32", steps: int = 2) -> float:  # fmt: skip
-    """MB a training step adds over the built model (see the module docstring); ``model`` is on ``device``."""
+                          dtype: str = "float32", steps: int = 2) -> tuple[float, float, float]:  # fmt: skip
+    """(MB a training step adds over the built model (see the module docstring), wall and CPU seconds
+    of the last step); ``model`` is on ``device``."""
     torch.manual_seed(0)
     x = torch.randn(batch_size, 3, resolution, resolution, device=device)
     y = torch.randint(0, 1000, (batch_size,), device=device)
@@ -46,17 +48,21 @@ def training_step_peak_mb(model: torch.nn.Module, resolution: int, batch_size: i
         before = _status_kb("VmRSS") * 1024
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     for _ in range(steps):
+        wall, cpu = time.perf_counter(), time.process_time()
         with autocast:
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = _status_kb("VmHWM") * 1024
-    return (peak - before) / 2**20
+    return (peak - before) / 2**20, wall, cpu
 
 
 def measure_in_subprocess(model: str, resolution: int, batch_size: int, device: str = "cpu",
@@ -69,7 +75,7 @@ def measure_in_subprocess(model: str, resolution: int, batch_size: int, device: 
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"training-memory measurement of {model} failed: {tail}")
+        raise RuntimeError(f"training-memory measurement of {model!r} failed: {tail}")
     return json.loads(done.stdout.strip().splitlines()[-1])["train_peak_mb"]
 
 
@@ -84,6 +90,8 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16 via autocast")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--grad-checkpointing", action="store_true", help="model.set_grad_checkpointing(True)")
+    p.add_argument("--no-selective-recompute", action="store_true",
+                   help="RAVLT: model.set_selective_recompute(False) (autograd keeps every activation)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,9 +100,13 @@ def main(argv=None) -> dict:
     model = build_model(args.model).to(device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    mb = training_step_peak_mb(model, args.resolution, args.batch_size, device, args.dtype)
+    if args.no_selective_recompute:
+        model.set_selective_recompute(False)
+    mb, wall, cpu = training_step_peak_mb(model, args.resolution, args.batch_size, device, args.dtype)
     result = {"model": args.model, "resolution": args.resolution, "batch_size": args.batch_size,
-              "device": args.device, "dtype": args.dtype, "train_peak_mb": mb}  # fmt: skip
+              "device": args.device, "dtype": args.dtype, "grad_checkpointing": args.grad_checkpointing,
+              "selective_recompute": not args.no_selective_recompute,
+              "train_peak_mb": mb, "last_step_s": wall, "last_step_cpu_s": cpu}  # fmt: skip
     print(json.dumps(result))
     return result
 
