@@ -187,7 +187,7 @@ class RAVLT(nn.Module):
     :meth:`set_fast_path`.
 
     Training memory: with ``selective_recompute`` (the default) each fast-path block keeps only its
-    input and its ``qkvo``/``proj``/``fc1`` outputs for backward and recomputes the rest
+    input and its ``qkvo``/``proj``/``fc1``/``fc2`` outputs for backward and recomputes the rest
     (:mod:`ravlt_pl.models.recompute`); ``grad_checkpointing`` recomputes whole blocks from their
     inputs (timm's :meth:`set_grad_checkpointing`), for the largest detection/segmentation inputs.
     Both are ``backbone_overrides`` of every task.

@@ -5,11 +5,11 @@ maps, rotations, re-weighting, normaliser and gate of the attention, float32 cop
 both LayerNorm outputs, GELU's input and output, the depthwise sums): RAVLT-S needed 1.7× the
 training memory of ConvNeXt-T. On the fast path a training block runs under PyTorch's selective
 activation checkpointing with the policy :func:`keep_gemm_outputs`: the outputs of the dense
-convolutions whose output is at least as wide as their input (``qkvo``, ``proj``, ``fc1``) are kept,
-everything else — LayerNorms, the whole attention core, LePE, GELU, the depthwise convolutions —
-is recomputed from them in backward (one block at a time; ``fc2``'s GEMM never, the recomputation
-stops at its input). What a block keeps: its input, ``qkvo(x)`` (4C), ``proj``'s output (C) and
-``fc1``'s output (3.5C) — 9.5 maps of C channels instead of ~32.
+(1×1) convolutions ``qkvo``, ``proj``, ``fc1`` and ``fc2`` are kept, everything else — LayerNorms,
+the whole attention core, LePE, GELU, the depthwise convolutions — is recomputed from them in
+backward, one block at a time; no GEMM runs twice. What a block keeps: its input, ``qkvo(x)`` (4C),
+the outputs of ``proj`` (C), ``fc1`` (3.5C) and ``fc2`` (C; the layer-scale gradient reads it) —
+10.5 maps of C channels instead of ~32.
 
 The gradients are autograd's gradients of the same forward (drop-path masks replayed from the saved
 RNG state), so they equal the plain fast path's; ``tests/models/test_speed_paths.py`` checks them
@@ -27,11 +27,9 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 
 def keep_gemm_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Keep the outputs of dense convolutions with ``out_channels >= in_channels``; recompute the rest."""
-    if op is torch.ops.aten.convolution.default:
-        weight, groups = args[1], args[8]
-        if groups == 1 and weight.shape[0] >= weight.shape[1]:
-            return CheckpointPolicy.MUST_SAVE
+    """Keep the outputs of dense (ungrouped) convolutions; recompute the rest."""
+    if op is torch.ops.aten.convolution.default and args[8] == 1:  # args[8]: groups
+        return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
@@ -45,5 +43,5 @@ def applies(x: torch.Tensor) -> bool:
 
 
 def run_block(block: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
-    """``block(x, *args)`` keeping only the GEMM outputs for backward (see the module notes)."""
+    """``block(x, *args)`` keeping only its input and GEMM outputs for backward (see the module notes)."""
     return checkpoint(block, x, *args, use_reentrant=False, context_fn=_contexts)
