@@ -8,7 +8,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 # Every other package at the version the suite passed with (pyproject.toml keeps the ranges).
 PIN     := -c constraints.txt
 
-.PHONY: all venv test test-slurm demo demo-det demo-seg clean-demo
+.PHONY: all venv test test-slurm gpu-check demo demo-det demo-seg clean-demo
 
 all: venv
 
@@ -29,6 +29,17 @@ test: venv
 test-slurm: venv
 	scripts/slurm/local_cluster.sh start || echo "test-slurm: no local Slurm; the tests will skip"
 	$(BIN)/python -m pytest -q -rs -m slurm tests/test_slurm.py; status=$$?; scripts/slurm/local_cluster.sh stop; exit $$status
+
+# One GPU, no network, under 8 minutes: the cuda-marked tests (fast vs reference path in float32 and bf16,
+# fused AdamW, channels-last, flash SDPA, torch.compile, a bf16-mixed step of each demo task with EMA), then
+# the bf16 benchmark table. Skips with one line where torch sees no CUDA device.
+gpu-check: venv
+	@if ! $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		echo "gpu-check: skipped, torch sees no CUDA device"; exit 0; fi; \
+	$(BIN)/python -m pytest -q -rs -m cuda tests/test_gpu.py && \
+	$(BIN)/python -m ravlt_pl benchmark --device cuda --dtype bfloat16 --batch-sizes 64 128 --train-batch-size 64 \
+		--models ravlt_s ravlt_s_reference swin_tiny_patch4_window7_224 convnext_tiny --baseline convnext_tiny \
+		--rounds 3 --out reports/gpu_check
 
 # Synthetic shapes → train a small RAVLT on CPU → validate → report (JSON, Markdown, PNG).
 demo: venv

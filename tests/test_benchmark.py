@@ -1,7 +1,10 @@
 """Smoke test of the speed benchmark runner (ravlt_pl/benchmark/runner.py) with tiny settings."""
 import json
 
+import pytest
+
 from ravlt_pl.benchmark.runner import main
+from ravlt_pl.benchmark.train_memory import measure_in_subprocess
 
 
 def test_benchmark_smoke(tmp_path):
@@ -23,6 +26,8 @@ def test_benchmark_smoke(tmp_path):
     assert row["train"]["img_s"] > 0
     assert set(row["peak_mem_mb"]) == {"infer_bs1", "train"}
     assert row["peak_mem_mb"]["train"] > row["peak_mem_mb"]["infer_bs1"] > 11.69 * 4 * 0.95  # >= weights
+    # CPU training: the RSS a step adds, from a process of its own; it holds at least the gradients
+    assert row["train_step_mb"] > 11.69 * 4 * 0.95 and "RSS" in meta["memory_method"]
     assert row["achieved_gflops"] > 0 and 0 < row["peak_share"]
     assert row["ratio_vs_baseline"] == {"infer_bs1": 1.0, "train": 1.0}
 
@@ -36,3 +41,8 @@ def test_benchmark_inference_only_with_tuned_malloc(tmp_path):
     assert "train" not in row and row["infer"]["1"]["img_s"] > 0
     assert row["ratio_vs_baseline"] == {"infer_bs1": 1.0}
     assert report["meta"]["malloc"] == "tuned" and report["meta"]["malloc_settings"]["M_MMAP_THRESHOLD"] == 1 << 25
+
+
+def test_training_memory_of_an_unknown_model_names_it():
+    with pytest.raises(RuntimeError, match="'no_such_model' failed: .*no_such_model"):
+        measure_in_subprocess("no_such_model", 32, 1)

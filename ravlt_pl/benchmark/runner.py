@@ -15,7 +15,10 @@ Peak memory (``peak_mem_mb``) is the model's parameter bytes plus the peak of ex
 allocated during the case's *first* call (so a training step counts its gradients and the
 AdamW states it creates). On CUDA the extra is ``max_memory_allocated`` minus what was allocated
 before the call; on CPU it is the running peak of the allocation/free events that
-``torch.profiler`` records with ``profile_memory=True`` (no tracemalloc, no RSS).
+``torch.profiler`` records with ``profile_memory=True``, except for eager training steps on CPU:
+there it is the peak resident set size a step adds over the built model, measured in a process of
+its own per model (:mod:`ravlt_pl.benchmark.train_memory`; allocator slack included, as a user sees
+it). ``train_step_mb`` is that figure without the parameter bytes.
 
 Physical frame: a 2048² matmul (best of 3) gives the device's peak GFLOP/s; a model achieves
 2 × multiply-adds × images/s, multiply-adds counted once per (model, resolution) with fvcore
@@ -55,6 +58,7 @@ import torch.nn.functional as F
 
 from ..reports import atomic_write
 from .reference_ravlt import ReferenceRAVLT, reference_ravlt_s, reference_ravlt_t
+from .train_memory import measure_in_subprocess
 
 DEFAULT_MODELS = [
     "ravlt_t", "ravlt_s", "ravlt_t_reference", "ravlt_s_reference",
@@ -223,7 +227,7 @@ def run_interleaved(entries, args, device):
 
 # ----------------------------------------------------------------------------- main parts
 def benchmark_models(args, device, peak):
-    rows, entries, info, skipped, macs = [], [], {}, {}, {}
+    rows, entries, info, skipped, macs, pbytes_mb = [], [], {}, {}, {}, {}
     for base in args.models:
         compiled = args.compile is not None and (not args.compile or base in args.compile)
         for row in [base] + ([base + "+compile"] if compiled else []):
@@ -240,13 +244,18 @@ def benchmark_models(args, device, peak):
                 if (base, res) not in macs:
                     macs[base, res] = count_macs(m, res, device, base)
             pbytes = sum(p.numel() * p.element_size() for p in m.parameters())
+            pbytes_mb[row] = pbytes / 2**20
             info[row] = {"params_m": sum(p.numel() for p in m.parameters()) / 1e6, "mem": {}}
             infer_m = None
             if row != base:
                 infer_m = torch.compile(copy.deepcopy(m).eval()) if args.freezing else None
                 m = torch.compile(m)
             for key, images, fn in make_cases(m, args, device, infer_m):
-                info[row]["mem"][key] = first_call_peak_mb(fn, device, pbytes)
+                if key[0] == "train" and device.type == "cpu" and row == base:  # RSS, one process per model
+                    step_mb = measure_in_subprocess(base, key[1], key[2], "cpu", args.dtype, args.threads)
+                    info[row]["mem"][key] = pbytes / 2**20 + step_mb
+                else:
+                    info[row]["mem"][key] = first_call_peak_mb(fn, device, pbytes)
                 entries.append((row, key, images, fn))
             rows.append(row)
     case_rank = {}  # case-major order: a noise burst hits one case of adjacent models, not one model
@@ -266,6 +275,7 @@ def benchmark_models(args, device, peak):
             if args.train_batch_size > 0:
                 r["train"] = timings[row, train_key]
                 r["peak_mem_mb"]["train"] = mem[train_key]
+                r["train_step_mb"] = mem[train_key] - pbytes_mb[row]
             r["achieved_gflops"] = 2 * n_macs * r["infer"][str(max(args.batch_sizes))]["img_s"] / 1e9
             r["peak_share"] = r["achieved_gflops"] / peak
             results.append(r)
@@ -565,6 +575,7 @@ def plot(results, args, path):
     metrics = [(f"inference img/s, batch {b}", lambda r, b=str(b): r["infer"][b]["img_s"]) for b in args.batch_sizes]
     if args.train_batch_size > 0:
         metrics.append((f"training img/s, batch {args.train_batch_size}", lambda r: r["train"]["img_s"]))
+        metrics.append((f"training peak memory MB, batch {args.train_batch_size}", lambda r: r["peak_mem_mb"]["train"]))
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 0.45 * len(rs) + 1.8), squeeze=False)
     for ax, (title, get) in zip(axes[0], metrics):
         colors = ["tab:red" if r["model"] == args.baseline else
@@ -683,7 +694,8 @@ def main(argv=None):
             "batch_sizes": args.batch_sizes, "train_batch_size": args.train_batch_size, "baseline": args.baseline,
             "peak_matmul_gflops": peak, "peak_matmul_gflops_float32": peak32,
             "memory_method": "cuda max_memory_allocated delta + param bytes" if device.type == "cuda"
-            else "torch.profiler(profile_memory=True) peak allocation delta + param bytes",
+            else "torch.profiler(profile_memory=True) peak allocation delta + param bytes; eager training: "
+                 "peak RSS delta of two steps in a process per model (train_memory.py) + param bytes",
             "skipped": skipped, "malloc": args.malloc, "malloc_settings": malloc_settings,
         },
         "results": results,

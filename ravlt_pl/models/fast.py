@@ -18,6 +18,9 @@ checks each kernel against the reference form. What each one saves (measured on 
 * **Convolutions**: ``fc1`` + GELU as one oneDNN kernel, the identity of ``x + dwconv(x)`` folded into
   the kernel centre, and residuals as one ``addcmul`` (in place when nothing needs the inputs).
 
+In training, what autograd keeps of a fast-path block is cut down by :mod:`ravlt_pl.models.recompute`
+(the GEMM outputs only; the elementwise work above is recomputed in backward).
+
 The fused oneDNN convolution is a private ATen op that ``torch.utils.flop_counter`` does not know;
 count FLOPs inside :func:`flop_counting`, which knows it.
 """

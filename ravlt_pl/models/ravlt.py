@@ -28,6 +28,7 @@ from timm.models._manipulate import adapt_input_conv
 from torch import nn
 
 from . import fast as fast_kernels
+from . import recompute
 from .attention import AttentionType, RopeTables, RotaryTable, build_attention
 from .checkpoint import checkpoint_filter_fn, extract_backbone_state, load_official, read_checkpoint
 
@@ -129,7 +130,8 @@ class Stage(nn.Module):
         self.rope = RotaryTable(dim // num_heads)
         self.blocks = nn.ModuleList(Block(dim, num_heads, drop_path=dp, **block_kwargs) for dp in drop_paths[:depth])
         self.downsample = Downsample(dim, out_dim) if out_dim is not None else None
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False  # full recomputation: blocks keep only their inputs
+        self.selective_recompute = True  # fast training blocks keep only their GEMM outputs (models/recompute.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Blocks only; the caller applies ``downsample`` (dense outputs are taken in between)."""
@@ -137,6 +139,8 @@ class Stage(nn.Module):
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
+            elif self.selective_recompute and block.fast and recompute.applies(x):
+                x = recompute.run_block(block, x, rope)
             else:
                 x = block(x, rope)
         return x
@@ -181,6 +185,12 @@ class RAVLT(nn.Module):
     Parameters are channels-last, as the network runs (the input is converted once), so gradients
     have the parameters' strides (no DDP stride warnings); ``fast`` switches are set by
     :meth:`set_fast_path`.
+
+    Training memory: with ``selective_recompute`` (the default) each fast-path block keeps only its
+    input and its ``qkvo``/``proj``/``fc1``/``fc2`` outputs for backward and recomputes the rest
+    (:mod:`ravlt_pl.models.recompute`); ``grad_checkpointing`` recomputes whole blocks from their
+    inputs (timm's :meth:`set_grad_checkpointing`), for the largest detection/segmentation inputs.
+    Both are ``backbone_overrides`` of every task.
     """
 
     def __init__(
@@ -199,6 +209,8 @@ class RAVLT(nn.Module):
         out_indices: Sequence[int] | None = None,
         norm_eval: bool = True,
         in_chans: int = 3,
+        grad_checkpointing: bool = False,
+        selective_recompute: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -258,6 +270,8 @@ class RAVLT(nn.Module):
             if isinstance(m, nn.Conv2d):
                 m.to(memory_format=torch.channels_last)
         self.to(dtype=dtype)
+        self.set_grad_checkpointing(grad_checkpointing)
+        self.set_selective_recompute(selective_recompute)
 
     # -- timm-style conveniences ------------------------------------------------------------------
     @property
@@ -287,6 +301,12 @@ class RAVLT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.layers:
             stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_selective_recompute(self, enable: bool = True) -> None:
+        """Fast-path training blocks keep only their GEMM outputs for backward (see the class notes)."""
+        for stage in self.layers:
+            stage.selective_recompute = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
