@@ -12,8 +12,9 @@ import time
 from functools import partial
 from pathlib import Path
 
-from .cli import BestCheckpoint, build_cli, resolve_config
+from .config import resolve_config
 from .data import synthetic
+from .lightning_cli import BestCheckpoint, build_cli
 
 DEMOS = {
     # task: (generator, data directory, root passed to the data module, config)

@@ -41,8 +41,10 @@ from typing import Callable, Iterator, Literal, Sequence
 import torch
 from torch import nn
 
+from .config import PROG, ConfigError, resolve_config
 from .data.errors import DatasetError
 from .ema import PREFIX as EMA_PREFIX
+from .lightning_cli import build_cli
 from .models import RAVLT, load_official
 from .models.checkpoint import CheckpointError, read_checkpoint
 from .models.detection.backbone import RAVLTWithFPN
@@ -336,8 +338,6 @@ def load_weights(network: nn.Module, path: str | Path, use_ema: bool = False) ->
 
 def main(argv: Sequence[str]) -> dict:
     """Build the config's network, load weights, export, check; prints what was written and the error."""
-    from .cli import PROG, ConfigError, build_cli, resolve_config
-
     args, cli_args = parse_args(argv)
     try:
         check_request(args.out, args.format, args.input_size, dynamic=not args.static)

@@ -6,6 +6,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import yaml
+
+from .config import resolve_config
+from .models.checkpoint import extract_backbone_state, read_checkpoint
+from .models.released_base import infer_backbone
+from .models.variants import variant_of
+
 # config stem: params (M), GFLOPs, headline metric(s)
 PUBLISHED: dict[str, dict] = {
     "cls_t": dict(params_m=15, gflops=2.4), "cls_s": dict(params_m=26, gflops=4.6, top1=84.4),
@@ -60,10 +67,6 @@ def pairing_error(checkpoint: str | Path, config: str | Path) -> str | None:
     segmentor must also be loaded into a config of its own model (schedules aside: a 1x file may be
     evaluated with the 3x config); as a backbone init any release pairs with any config of its variant.
     """
-    from .models.checkpoint import extract_backbone_state, read_checkpoint
-    from .models.released import infer_backbone
-    from .models.variants import variant_of
-
     built = _config_variant(config)
     raw, source = read_checkpoint(checkpoint)
     backbone = infer_backbone(extract_backbone_state(raw, source), prefix="")
@@ -86,10 +89,6 @@ def _model(config: str | Path) -> str:
 
 def _config_variant(config: str | Path) -> str:
     """The ``variant`` a config file builds (the first one in it)."""
-    import yaml
-
-    from .cli import resolve_config
-
     path = resolve_config(str(config))
     found = _find_key(yaml.safe_load(Path(path).read_text()), "variant")
     if found is None:

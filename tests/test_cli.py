@@ -84,9 +84,9 @@ def test_yaml_key_typo_says_did_you_mean_first(tmp_path, capsys):
     assert "did you mean 'trainer.max_epochs'" in capsys.readouterr().err.splitlines()[0]
 
 
-DEFAULT_CALLBACKS = ["ravlt_pl.cli.BestCheckpoint", "ravlt_pl.callbacks.LastCheckpoint",
+DEFAULT_CALLBACKS = ["ravlt_pl.lightning_cli.BestCheckpoint", "ravlt_pl.callbacks.LastCheckpoint",
                      "lightning.pytorch.callbacks.lr_monitor.LearningRateMonitor", "ravlt_pl.callbacks.FaultTolerance",
-                     "ravlt_pl.cli.RequireTrainingBatches"]  # fmt: skip
+                     "ravlt_pl.lightning_cli.RequireTrainingBatches"]  # fmt: skip
 
 
 def test_print_config_shows_the_callbacks_that_run(capsys):

@@ -21,6 +21,7 @@ from torchvision.datasets import ImageFolder
 from .base import BaseDataModule, DatasetInfo
 from .errors import DatasetError
 from .images import IMAGE_SUFFIXES, PredictFolder, is_image_file, read_rgb
+from .transforms import repair_posterize
 
 
 def class_folders(split_dir: str | Path) -> list[str]:
@@ -172,10 +173,10 @@ class ImageNetDataModule(BaseDataModule):
     # -- transforms and datasets ------------------------------------------------------------------
     def transform(self, train: bool):
         if train:
-            return create_transform(
+            return repair_posterize(create_transform(
                 self.image_size, is_training=True, scale=self.crop_scale, auto_augment=self.auto_augment, color_jitter=self.color_jitter,
                 re_prob=self.reprob, re_mode="pixel", re_count=1, interpolation=self.interpolation,
-            )  # fmt: skip
+            ))  # fmt: skip
         return create_transform(
             self.image_size, is_training=False, crop_pct=self.crop_pct, interpolation=self.interpolation
         )

@@ -1,11 +1,36 @@
-"""The keep-ratio resize shared by the detection and segmentation pipelines (albumentations lacks its rule)."""
+"""The keep-ratio resize shared by the detection and segmentation pipelines (albumentations lacks its rule),
+and the repair of timm's RandAugment posterize for current Pillow."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 from albumentations.augmentations.geometric.resize import MaxSizeTransform
+from PIL import Image
+from timm.data import auto_augment
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, with 0 bits kept giving the black image it meant (Pillow < 10 did; >= 10 raises)."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def repair_posterize(transform: Callable) -> Callable:
+    """``transform`` (a timm ``create_transform`` pipeline) with every RandAugment posterize op repaired.
+
+    timm's ``PosterizeIncreasing`` (RandAugment ``inc1``, the DeiT recipe) keeps ``4 - int(m / 10 * 4)`` bits:
+    0 at magnitude 10, which ``mstd0.5`` reaches about once in 700 images; Pillow >= 10 refuses 0 bits
+    (``ValueError``) and stopped training. Keeping 0 bits is the black image old Pillow (the authors'
+    runs) gave. Only the ops of this pipeline change; timm's module is left as it is.
+    """
+    for step in getattr(transform, "transforms", ()):
+        for op in getattr(step, "ops", ()):
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize
+    return transform
 
 
 class KeepRatioResize(MaxSizeTransform):

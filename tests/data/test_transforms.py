@@ -41,3 +41,20 @@ def test_masks_are_resized_by_nearest_neighbour() -> None:
     mask[:, 2:] = 7
     out = KeepRatioResize(8, [8])(image=np.zeros((4, 4, 3), np.uint8), mask=mask)["mask"]
     assert set(np.unique(out).tolist()) == {0, 7}
+
+
+def test_randaugment_posterize_at_magnitude_10_gives_black_not_a_pillow_error() -> None:
+    """The DeiT recipe's RandAugment (``inc1``) keeps 0 bits at magnitude 10; Pillow >= 10 raised on it."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    from ravlt_pl.data.transforms import repair_posterize
+
+    pipeline = repair_posterize(create_transform(32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1"))
+    (randaugment,) = [step for step in pipeline.transforms if hasattr(step, "ops")]
+    (op,) = [op for op in randaugment.ops if op.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert op(image).getextrema() == ((0, 0), (0, 0), (0, 0))
+    op.magnitude = 5  # 2 bits kept: timm's posterize as before
+    assert op(image).getpixel((0, 0)) == (192, 64, 0)

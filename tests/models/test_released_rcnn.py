@@ -30,19 +30,11 @@ def assert_float32_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * max(1.0, theirs.abs().max().item()))
 
 
-@pytest.fixture(autouse=True)
-def _rcnn_families_only(monkeypatch):
-    """``from_released`` over the R-CNN families alone (the other families' modules live on other branches)."""
-    monkeypatch.setattr(released, "_families", lambda: FAMILIES)
-
-
 @pytest.fixture(scope="module", params=list(FAMILY_FILES))
 def case(request):
     """(fixture dict, our model loaded from its state dict, our neck features on the stored batch)."""
     fx = torch.load(FIXTURES / FAMILY_FILES[request.param], weights_only=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(released, "_families", lambda: FAMILIES)
-        model = released.from_released(fx["state_dict"])
+    model = released.from_released(fx["state_dict"])
     with torch.no_grad():
         features = model.backbone(fx["inputs"]["batch"])
     return fx, model, features

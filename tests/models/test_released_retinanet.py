@@ -79,9 +79,6 @@ def test_the_fixture_builds_the_authors_sizes(model):
 
 
 def test_from_released_recognises_a_retinanet_among_all_families(fixture):
-    # the registry imports every family's module; they come from other branches of this work
-    pytest.importorskip("ravlt_pl.models.detection.released_rcnn")
-    pytest.importorskip("ravlt_pl.models.segmentation.released")
     from ravlt_pl.models.released import from_released
 
     model = from_released({"state_dict": fixture["state_dict"]})

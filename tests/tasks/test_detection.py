@@ -360,12 +360,8 @@ FIXTURE_DETECTOR = partial(
 
 
 @pytest.fixture
-def released_file(tmp_path, monkeypatch) -> tuple[Path, dict]:
+def released_file(tmp_path) -> tuple[Path, dict]:
     """The fixture's authors'-format Mask R-CNN as a released file ({"state_dict": ...}) and the fixture."""
-    from ravlt_pl.models import released
-    from ravlt_pl.models.detection.released_rcnn import FAMILIES
-
-    monkeypatch.setattr(released, "_families", lambda: FAMILIES)  # the other families live on other branches
     fx = torch.load(FIXTURE, weights_only=True)
     path = tmp_path / "maskrcnn_t_1x_12_epoch.pth"
     torch.save({"state_dict": fx["state_dict"], "meta": {"epoch": 12}}, path)

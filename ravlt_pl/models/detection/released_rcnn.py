@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError
-from ..released import ReleasedFamily, backbone_tensors, infer_backbone
+from ..released_base import ReleasedFamily, backbone_tensors, infer_backbone
 from ..variants import VARIANTS
 
 _NECK_RPN = (

@@ -27,7 +27,7 @@ from typing import Mapping
 import torch
 
 from ..checkpoint import CheckpointError
-from ..released import ReleasedFamily, backbone_tensors, infer_backbone
+from ..released_base import ReleasedFamily, backbone_tensors, infer_backbone
 from ..variants import variant_of
 from .retinanet import RAVLTRetinaNet
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError
 from ..ravlt import RAVLT
-from ..released import ReleasedFamily, backbone_tensors, infer_backbone
+from ..released_base import ReleasedFamily, backbone_tensors, infer_backbone
 from ..variants import VARIANTS
 from .semantic_fpn import SemanticFPN
 from .upernet import UperNet
