@@ -86,6 +86,11 @@ def resume_position(trainer: Trainer) -> tuple[int, int] | None:
             private(trainer, "fit_loop.epoch_loop.batch_progress.current.processed"))  # fmt: skip
 
 
+def fit_epoch(trainer: Trainer) -> int:
+    """The epoch ``fit`` is in (the count of epochs done; what Lightning gives a sampler's ``set_epoch``)."""
+    return private(trainer, "fit_loop.epoch_progress.current.processed")
+
+
 def set_kth_value(callback: ModelCheckpoint, value: Any) -> None:
     """The score a new top-k checkpoint must beat (Lightning sets it from ``mode`` in ``__init__`` only)."""
     private(callback, "kth_value")

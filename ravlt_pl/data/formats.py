@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from torch.utils.data import DataLoader
 
+from ..lightning_compat import fit_epoch
 from .base import DatasetInfo
 from .errors import DatasetError
 from .streams import Shard, ShardReader, ShardStream, StreamLoader
@@ -100,6 +101,6 @@ def stream_loader(dm: ImageNetDataModule, split: str) -> DataLoader:
         return DataLoader(dataset, **settings)
 
     def epoch() -> int:  # the epoch Lightning starts (what it gives a sampler's set_epoch)
-        return dm.trainer.fit_loop.epoch_progress.current.processed if dm.trainer is not None else 0
+        return fit_epoch(dm.trainer) if dm.trainer is not None else 0
 
     return StreamLoader(dataset, epoch, dm._resume_position, drop_last=True, **settings)

@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from ..data.ade20k import IGNORE_INDEX, ADE20KDataModule, eval_transform
 from ..data.images import read_rgb
+from ..lightning_compat import attached_trainer
 from ..models.checkpoint import CheckpointError, read_checkpoint
 from ..models.released import infer_backbone, load_converted
 from ..models.segmentation import EncoderDecoder, SemanticFPN, resize
@@ -168,6 +169,8 @@ class SegmentationTask(BaseTask):
 
     def load_pretrained(self) -> None:
         """The whole segmentor from an authors' released file (unless ``pretrained_backbone_only``), else the backbone."""
+        if not self.pretrained:
+            return
         self._released_parts = [] if self.hparams.pretrained_backbone_only else load_released_segmentor(
             self.model, self.pretrained
         )
@@ -234,7 +237,7 @@ class SegmentationTask(BaseTask):
     def test_views(self) -> tuple[list[float], bool]:
         """This evaluation's scales and flip: ``test_scales`` / ``test_flip`` in validate, test and predict
         (the authors' ``tools/test.py``); single-scale in fit's validations (mmseg's evaluation hook)."""
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             return [1.0], False
         return list(self.hparams.test_scales), self.hparams.test_flip
@@ -250,7 +253,7 @@ class SegmentationTask(BaseTask):
 
     def test_resize_bound(self) -> Sequence[int] | None:
         """The ADE20K data's test resize bound (long, short edge; published 2048 × 512), if that is the data."""
-        datamodule = getattr(self._trainer, "datamodule", None)
+        datamodule = getattr(attached_trainer(self), "datamodule", None)
         return datamodule.scale if isinstance(datamodule, ADE20KDataModule) else None
 
     def on_validation_epoch_start(self) -> None:

@@ -359,6 +359,12 @@ FIXTURE_DETECTOR = partial(
 )  # fmt: skip
 
 
+def started(task: DetectionTask) -> DetectionTask:
+    """``pretrained`` read as a run's start reads it (``configure_optimizers``, or ``on_validation_start``)."""
+    task.load_pretrained()
+    return task
+
+
 @pytest.fixture
 def released_file(tmp_path) -> tuple[Path, dict]:
     """The fixture's authors'-format Mask R-CNN as a released file ({"state_dict": ...}) and the fixture."""
@@ -381,7 +387,7 @@ def _resized_images(fx) -> list[torch.Tensor]:
 def test_a_released_detector_loads_whole_and_detects_as_the_authors_alone(released_file, caplog):
     path, fx = released_file
     with caplog.at_level("INFO", logger="ravlt_pl.tasks.base"):
-        task = DetectionTask(FIXTURE_DETECTOR, num_classes=80, pretrained=str(path)).eval()
+        task = started(DetectionTask(FIXTURE_DETECTOR, num_classes=80, pretrained=str(path))).eval()
     assert task.released_source == str(path)
     assert "the whole RAVLTMaskRCNN" in caplog.text and "RoI heads" in caplog.text and "FPN" in caplog.text
     expected = fx["state_dict"]["rpn_head.rpn_cls.weight"]
@@ -399,7 +405,7 @@ def test_a_released_detector_loads_whole_and_detects_as_the_authors_alone(releas
 def test_pretrained_parts_backbone_loads_the_backbone_only(released_file):
     path, fx = released_file
     torch.manual_seed(0)
-    task = DetectionTask(FIXTURE_DETECTOR, num_classes=3, pretrained=str(path), pretrained_parts="backbone")
+    task = started(DetectionTask(FIXTURE_DETECTOR, num_classes=3, pretrained=str(path), pretrained_parts="backbone"))
     assert task.released_source is None
     torch.testing.assert_close(task.model.backbone.body.patch_embed.proj[0].weight,
                                fx["state_dict"]["backbone.patch_embed.proj.0.weight"])  # fmt: skip
@@ -409,19 +415,19 @@ def test_pretrained_parts_backbone_loads_the_backbone_only(released_file):
 def test_a_released_detector_of_another_class_count_fails_naming_key_and_shapes(released_file):
     path, _ = released_file
     with pytest.raises(Exception, match=r"cls_score\.weight has shape \(81, 32\) in the checkpoint but \(6, 32\)"):
-        DetectionTask(FIXTURE_DETECTOR, num_classes=5, pretrained=str(path))
+        started(DetectionTask(FIXTURE_DETECTOR, num_classes=5, pretrained=str(path)))
 
 
 def test_pretrained_parts_all_refuses_a_backbone_only_file(tmp_path):
     path = tmp_path / "backbone.pth"
     torch.save({"state_dict": {"backbone.patch_embed.proj.0.weight": torch.zeros(1)}}, path)
     with pytest.raises(ValueError, match="pretrained_parts=all: .*backbone.pth is no released detector"):
-        DetectionTask(FIXTURE_DETECTOR, num_classes=80, pretrained=str(path), pretrained_parts="all")
+        started(DetectionTask(FIXTURE_DETECTOR, num_classes=80, pretrained=str(path), pretrained_parts="all"))
 
 
 def test_evaluation_does_not_depend_on_the_batch(released_file):
     path, fx = released_file
-    task = DetectionTask(FIXTURE_DETECTOR, num_classes=80, pretrained=str(path)).eval()
+    task = started(DetectionTask(FIXTURE_DETECTOR, num_classes=80, pretrained=str(path))).eval()
     images, originals = _resized_images(fx), [tuple(m["ori_shape"][:2]) for m in fx["inputs"]["img_metas"]]
     with torch.no_grad():
         together = task.detect(images, originals)

@@ -293,6 +293,14 @@ def released_file(tmp_path: Path, family: str) -> tuple[Path, dict]:
     return path, fx
 
 
+def start(task: SegmentationTask, stage: str) -> SegmentationTask:
+    """What the start of a run does to a task built from a config: ``setup``, then (no checkpoint given) the
+    pretrained read of ``configure_optimizers`` / ``on_validation_start``."""
+    task.setup(stage)
+    task._load_pending_pretrained()
+    return task
+
+
 def released_task(segmentor: type[EncoderDecoder], pretrained: Path, num_classes: int = 150, **kwargs):
     heads = FIXTURE_HEADS[segmentor.__name__]
     return SegmentationTask(num_classes=num_classes, backbone_overrides=FIXTURE_BACKBONE,
@@ -304,7 +312,7 @@ def test_a_released_segmentor_loads_whole_and_gives_the_authors_class_maps(segme
     path, fx = released_file(tmp_path, "semantic_fpn" if segmentor is SemanticFPN else "upernet")
     task = released_task(segmentor, path)
     with caplog.at_level("INFO"):
-        task.setup("validate")  # loaded for evaluation too, not only before fit
+        start(task, "validate")  # loaded for evaluation too, not only before fit
     parts = "backbone, neck, decode_head" if segmentor is SemanticFPN else "backbone, decode_head, auxiliary_head"
     assert task._released_parts == parts.split(", ")
     assert f"the authors' released {segmentor.__name__}, every tensor of {parts}" in caplog.text
@@ -348,10 +356,10 @@ def test_a_released_file_of_another_class_count_fails_and_says_how_to_load_its_b
     message = (r"decode_head.classifier.1.weight has shape \(150, 16, 1, 1\) in the checkpoint but \(19, 16, 1, 1\).*"
                "--model.init_args.pretrained_backbone_only true")  # fmt: skip
     with pytest.raises(CheckpointError, match=message):
-        task.setup("fit")
+        start(task, "fit")
     backbone_only = released_task(UperNet, path, num_classes=19, pretrained_backbone_only=True)
     heads = {k: v.clone() for k, v in backbone_only.model.state_dict().items() if not k.startswith("backbone.")}
-    backbone_only.setup("fit")
+    start(backbone_only, "fit")
     key = "layers.2.blocks.0.attn.qkvo.weight"
     released_tensor = torch.load(path)["state_dict"][f"backbone.{key}"]
     assert torch.equal(backbone_only.model.backbone.state_dict()[key], released_tensor)
@@ -361,13 +369,13 @@ def test_a_released_file_of_another_class_count_fails_and_says_how_to_load_its_b
 def test_a_released_file_of_another_segmentor_or_variant_is_refused_naming_both(tmp_path: Path) -> None:
     path, _ = released_file(tmp_path, "upernet")
     with pytest.raises(CheckpointError, match=r"released.pth: is a released UperNet, but the config builds SemanticF"):
-        released_task(SemanticFPN, path).setup("validate")
+        start(released_task(SemanticFPN, path), "validate")
     other_variant = SegmentationTask(num_classes=150, backbone_overrides=TINY, pretrained=str(path),
                                      segmentor=partial(UperNet, head_channels=16, aux_channels=16))  # fmt: skip
     message = (r"a released UperNet on RAVLT of widths \[8, 16, 24, 32\], depths \[1, 1, 2, 1\], "
                r"but the config builds it on RAVLT of widths \[16, 32, 48, 64\]")  # fmt: skip
     with pytest.raises(CheckpointError, match=message):
-        other_variant.setup("validate")
+        start(other_variant, "validate")
 
 
 def test_a_released_b_file_into_an_s_config_is_one_line_naming_both(monkeypatch: pytest.MonkeyPatch) -> None:
