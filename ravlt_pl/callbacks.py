@@ -15,8 +15,9 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
@@ -30,7 +31,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from .data.errors import DatasetError
 from .lightning_compat import connector_cluster_environment, dump_checkpoint, requeue
 from .models.checkpoint import CheckpointError, read_checkpoint
-from .reports import os_error_of, atomic_write, stale_temps, write_json
+from .reports import atomic_write, os_error_of, stale_temps, write_json
 
 
 # -- atomic checkpoint files ----------------------------------------------------------------------

@@ -209,7 +209,7 @@ class RAVLTCLI(LightningCLI):
                 cause = cause.__cause__
             if cause is err or not isinstance(cause, (ValueError, FileNotFoundError)):
                 raise
-            raise cause if isinstance(cause, (DatasetError, CheckpointError, ConfigError)) else ConfigError(str(cause))
+            raise (cause if isinstance(cause, (DatasetError, CheckpointError, ConfigError)) else ConfigError(str(cause))) from err
 
     def _record_counted_classes(self) -> None:
         """The class count the data gave (``num_classes`` left out) goes into the run's saved config.yaml,

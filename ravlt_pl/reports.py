@@ -10,15 +10,15 @@ import json
 import os
 import socket
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
 
 #: The process's umask, read once at import (reading it means setting it): new files get 0o666 & ~umask.
 _UMASK = os.umask(0o022)
@@ -110,7 +110,7 @@ def write_json(path: str | Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
 
 
-def save_figure(path: str | Path, fig: "plt.Figure", dpi: int = 120) -> Path:
+def save_figure(path: str | Path, fig: plt.Figure, dpi: int = 120) -> Path:
     """Save a matplotlib figure as PNG atomically and close it."""
     try:
         return atomic_write(path, partial(_save_png, fig, dpi=dpi))
@@ -130,7 +130,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], floatf
 
 
 def write_report(out_dir: str | Path, name: str, data: Mapping[str, Any], markdown: str,
-                 figures: Mapping[str, "plt.Figure"] | None = None,
+                 figures: Mapping[str, plt.Figure] | None = None,
                  extra: Mapping[str, Callable[[Path], None]] | None = None) -> dict[str, Path]:
     """``out_dir/name.json``, ``out_dir/name.md``, ``out_dir/name_<key>.png`` per figure and the ``extra``
     files (file name → writer), written as one set (:func:`write_files`)."""
@@ -150,7 +150,7 @@ def write_report(out_dir: str | Path, name: str, data: Mapping[str, Any], markdo
     return {key: path for key, (path, _) in files.items()}
 
 
-def _save_png(fig: "plt.Figure", tmp: Path, dpi: int = 120) -> None:
+def _save_png(fig: plt.Figure, tmp: Path, dpi: int = 120) -> None:
     fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
 
 

@@ -1,9 +1,9 @@
 """``make`` installs the versions the suite passed with: constraints.txt pins every dependency, inside pyproject's ranges."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 

@@ -23,7 +23,12 @@ import torch
 from lightning.pytorch import Callback
 from torch.utils.data import DistributedSampler
 
-from ravlt_pl.callbacks import AtomicCheckpointIO, check_checkpoint_compatible, find_last_checkpoint, last_checkpoint_path
+from ravlt_pl.callbacks import (
+    AtomicCheckpointIO,
+    check_checkpoint_compatible,
+    find_last_checkpoint,
+    last_checkpoint_path,
+)
 from ravlt_pl.cli import main
 from ravlt_pl.data.base import ResumableSampler, ShardedEvalSampler
 from ravlt_pl.data.imagenet import ImageNetDataModule

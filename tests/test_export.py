@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from ravlt_pl.export import (
-    ExportError, check_plain_aten, export_model, exportable, load_weights, main, reference_kernels,
+    ExportError,
+    check_plain_aten,
+    export_model,
+    exportable,
+    load_weights,
+    main,
+    reference_kernels,
 )  # fmt: skip
 from ravlt_pl.models import RAVLT, CheckpointError, build_backbone, load_official
 

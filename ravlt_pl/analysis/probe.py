@@ -16,8 +16,8 @@ Per image and head three matrices are measured (see :data:`FEATURES`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -83,7 +83,7 @@ class RankProbe:
         self._current: tuple[str, str] | None = None  # (block, kind) being measured
         self._handles: list = []
 
-    def __enter__(self) -> "RankProbe":
+    def __enter__(self) -> RankProbe:
         for name, _, _, attn in self.blocks:
             attn.probe = self._record
             self._handles += [

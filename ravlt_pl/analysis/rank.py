@@ -12,13 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from .. import reports
-from .loading import DEFAULT_IMAGES, backbone_spec, build_model, config_image_size, load_images, load_weights, read_config
+from .loading import (
+    DEFAULT_IMAGES,
+    backbone_spec,
+    build_model,
+    config_image_size,
+    load_images,
+    load_weights,
+    read_config,
+)
 from .probe import FEATURES, KINDS, RankProbe
 from .report import block_results, figures, headline, markdown, stage_means
 

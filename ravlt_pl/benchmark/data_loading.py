@@ -22,8 +22,8 @@ import itertools
 import math
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, default_collate

@@ -19,7 +19,7 @@ eval mode drop path is the identity, so outputs are unaffected.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

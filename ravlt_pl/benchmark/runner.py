@@ -46,7 +46,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -550,10 +549,10 @@ def print_table(results, args, peak):
                      + [f"{r['achieved_gflops']:.1f}", f"{100 * r['peak_share']:.1f}"]
                      + ([f"{ratio[f'infer_bs{b}']:.2f}" for b in bss] + ([f"{ratio['train']:.2f}"] if train else [])
                         if ratio else ["-"] * (len(bss) + train)))  # fmt: skip
-    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)] if lines else []
+    widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(head)] if lines else []
     print(f"\npeak matmul: {peak:.1f} GFLOP/s; ratios: x baseline {args.baseline} (>1 = faster)")
-    for l in [head] + lines:
-        print("  ".join(c.rjust(w) for c, w in zip(l, widths)))
+    for row in [head] + lines:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
     if any(r["ratio_vs_baseline"] for r in results):
         keys = [f"infer_bs{b}" for b in bss] + (["train"] if train else [])
         print(f"\nratios x {args.baseline}, three estimators (median of medians | median of per-round ratios | best sample):")

@@ -9,8 +9,9 @@ Every tensor keeps the backbone's ``(B, C, H, W)`` shape at the module boundary.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F

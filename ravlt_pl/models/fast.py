@@ -296,19 +296,19 @@ def linear_attention(attn: nn.Module, x: torch.Tensor, sin: torch.Tensor, cos: t
         forms = _forms(sin, cos, forms)
         e = elu(qk).split(d, dim=-1)  # heads of the feature maps q' = e_q + 1, then of k' = e_k + 1
         outs, zs, kvs = [], [], []
-        for h, v in enumerate(v.split(d, dim=-1)):  # each product one batched matmul on a strided slice
+        for h, v_h in enumerate(v.split(d, dim=-1)):  # each product one batched matmul on a strided slice
             eq, ek = e[h], e[heads + h]  # (B, N, d)
             if attn.reweight_keys:
                 q_global = eq.mean(dim=1, keepdim=True) + 1.0  # mean_N(q'), (B, 1, d)
                 logits = (ek @ q_global.transpose(-1, -2)).add_(q_global.sum(-1, keepdim=True))  # k'·q_global
                 a = torch.softmax(logits.mul_(attn.scale), dim=1)  # (B, N, 1)
                 k_mean = (a.transpose(-1, -2) @ ek).add_(a.sum(1, keepdim=True))  # mean_N(k' * a * N) = aᵀk'
-                v = v * a  # rot(k' * a * N)ᵀ v / N == rot(k')ᵀ (a * v)
+                v_h = v_h * a  # rot(k' * a * N)ᵀ v / N == rot(k')ᵀ (a * v)
             else:
                 k_mean = ek.mean(dim=1, keepdim=True) + 1.0
-                v = v * (1.0 / n_tokens)
+                v_h = v_h * (1.0 / n_tokens)
             z = (eq @ k_mean.transpose(-1, -2)).add_(k_mean.sum(-1, keepdim=True) + 1e-6).reciprocal_()  # (B, N, 1)
-            kv = rotate(ek, forms, plus_one=True).transpose(-1, -2) @ v  # (B, d, d)
+            kv = rotate(ek, forms, plus_one=True).transpose(-1, -2) @ v_h  # (B, d, d)
             outs.append(rotate(eq, forms, plus_one=True) @ kv)  # (B, N, d), before the normaliser
             zs.append(z)
             kvs.append(kv)

@@ -14,14 +14,13 @@ channels-last too (memory format only; shapes as always).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.utils.checkpoint
-from timm.layers import DropPath, register_notrace_module, trunc_normal_
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import DropPath, SelectAdaptivePool2d, register_notrace_module, trunc_normal_
 from timm.models import FeatureInfo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv
@@ -330,7 +329,7 @@ class RAVLT(nn.Module):
         self.head.train(self.training)
         self.global_pool.train(self.training)
 
-    def train(self, mode: bool = True) -> "RAVLT":
+    def train(self, mode: bool = True) -> RAVLT:
         super().train(mode)
         if mode and self.norm_eval:  # frozen BatchNorm statistics for dense fine-tuning
             for m in self.modules():

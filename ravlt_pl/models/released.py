@@ -9,8 +9,8 @@ sizes the tensors imply and convert the tensors; here the family is recognised a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn

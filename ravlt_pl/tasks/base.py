@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
+from timm.models import group_parameters
 from torch import nn
 from torch.optim import AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
-
-from timm.models import group_parameters
 
 from ..callbacks import check_checkpoint_compatible
 from ..ema import EMA
@@ -263,7 +263,7 @@ class BaseTask(LightningModule):
     def on_predict_start(self) -> None:
         self._load_pending_pretrained()
 
-    def train(self, mode: bool = True) -> "BaseTask":
+    def train(self, mode: bool = True) -> BaseTask:
         super().train(mode)
         if mode and self.freeze_backbone:  # a frozen backbone keeps its BatchNorm statistics
             find_backbone(self.model).eval()

@@ -10,8 +10,8 @@ JSON, Markdown, PNG) are the shared ones of :mod:`ravlt_pl.reports`.
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import torch

@@ -7,8 +7,9 @@ COCO-format result files are written at the end of ``validate``/``test``/``predi
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch

@@ -9,9 +9,9 @@ fraction in [0, 1] with 4 decimals; the files are written atomically by :mod:`ra
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch

@@ -10,11 +10,25 @@ from torchvision.ops import MultiScaleRoIAlign, generalized_box_iou_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ravlt_pl.models.detection import (
-    CascadeBoxPredictor, CascadeMaskRCNN, CascadeRoIHeads, PresizedTransform, RAVLTCascadeMaskRCNN, RAVLTMaskRCNN,
-    DeltaXYWHCoder, MmdetAnchorGenerator, MmdetRoIAlign, RAVLTRetinaNet, anchors, batched_nms, conv_fc_box_head,
-    dummy_forward, paste_masks, ravlt_fpn, rescale_detections,
+    CascadeBoxPredictor,
+    CascadeMaskRCNN,
+    CascadeRoIHeads,
+    DeltaXYWHCoder,
+    MmdetAnchorGenerator,
+    MmdetRoIAlign,
+    PresizedTransform,
+    RAVLTCascadeMaskRCNN,
+    RAVLTMaskRCNN,
+    RAVLTRetinaNet,
+    anchors,
+    batched_nms,
+    conv_fc_box_head,
+    dummy_forward,
+    paste_masks,
+    ravlt_fpn,
+    rcnn_rules,
+    rescale_detections,
 )  # fmt: skip
-from ravlt_pl.models.detection import rcnn_rules
 from tests.conftest import TINY
 
 SMALL_HEADS = dict(fpn_channels=16, representation_size=32, mask_channels=8)

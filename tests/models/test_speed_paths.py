@@ -21,8 +21,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from ravlt_pl.benchmark.reference_ravlt import ReferenceRAVLT
 from ravlt_pl.models import RAVLT, RotaryTable
 from ravlt_pl.models.attention import SoftmaxAttention, apply_rope
-from ravlt_pl.models.fast import (IdentityFoldedKernel, _mkldnn_conv_pointwise, conv_gelu, elu, flop_counting,
-                                  residual, rotate, rotation_forms)  # fmt: skip
+from ravlt_pl.models.fast import (
+    IdentityFoldedKernel,
+    _mkldnn_conv_pointwise,
+    conv_gelu,
+    elu,
+    flop_counting,
+    residual,  # fmt: skip
+    rotate,
+    rotation_forms,
+)
 from tests.conftest import TINY, rel_err
 
 

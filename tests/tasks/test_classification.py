@@ -6,8 +6,7 @@ import torch
 
 from ravlt_pl.cli import main
 from ravlt_pl.tasks.base import WarmupSchedule
-from ravlt_pl.tasks.classification import ClassificationTask
-from tests.conftest import TINY, tiny_cli_args
+from tests.conftest import tiny_cli_args
 
 
 def test_warmup_then_cosine_and_step_schedules():

@@ -23,7 +23,10 @@ from ravlt_pl.models.checkpoint import CheckpointError
 from ravlt_pl.models.segmentation import EncoderDecoder, FCNHead, SemanticFPN, UperNet
 from ravlt_pl.tasks.base import WarmupSchedule, param_groups
 from ravlt_pl.tasks.segmentation import (
-    SegmentationScores, SegmentationTask, load_released_segmentor, scores_from_confusion,
+    SegmentationScores,
+    SegmentationTask,
+    load_released_segmentor,
+    scores_from_confusion,
 )  # fmt: skip
 from ravlt_pl.tasks.segmentation_report import AUTHORS_TEST_RATIOS
 from tests.conftest import TINY

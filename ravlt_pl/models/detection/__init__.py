@@ -2,11 +2,16 @@
 
 from .backbone import RAVLTWithFPN, ravlt_fpn
 from .cascade import CascadeBoxPredictor, CascadeMaskRCNN, CascadeRoIHeads, conv_fc_box_head
-from .rcnn_rules import DeltaXYWHCoder, MmdetAnchorGenerator, MmdetRoIAlign, MmdetRPN, batched_nms, paste_masks
 from .detectors import (
-    PresizedTransform, RAVLTCascadeMaskRCNN, RAVLTMaskRCNN, anchors, dummy_forward, rescale_detections,
+    PresizedTransform,
+    RAVLTCascadeMaskRCNN,
+    RAVLTMaskRCNN,
+    anchors,
+    dummy_forward,
+    rescale_detections,
 )  # fmt: skip
 from .faster_rcnn import RAVLTFasterRCNN
+from .rcnn_rules import DeltaXYWHCoder, MmdetAnchorGenerator, MmdetRoIAlign, MmdetRPN, batched_nms, paste_masks
 from .retinanet import RAVLTRetinaNet
 
 __all__ = [

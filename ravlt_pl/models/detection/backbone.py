@@ -11,11 +11,14 @@ hands the maps to torchvision's :class:`~torchvision.ops.FeaturePyramidNetwork` 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import (
-    ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7,
+    ExtraFPNBlock,
+    FeaturePyramidNetwork,
+    LastLevelMaxPool,
+    LastLevelP6P7,
 )  # fmt: skip
 
 from ..ravlt import RAVLT
@@ -56,7 +59,7 @@ class RAVLTWithFPN(nn.Module):
         self.fpn = FeaturePyramidNetwork(body.out_channels, out_channels, extra_blocks=extra_blocks)
         self.out_channels = out_channels
 
-    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         maps = self.body(x)  # strides 4/8/16/32 for the stages in out_indices
         return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
 

@@ -20,7 +20,7 @@ The published RAVLT configs (mmdet ``cascade_mask_rcnn`` 3x, Swin-style) fix the
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +32,17 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference, maskrcnn_loss
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import boxes as box_ops, generalized_box_iou_loss
+from torchvision.ops import boxes as box_ops
+from torchvision.ops import generalized_box_iou_loss
 
 from .rcnn_rules import (
-    DeltaXYWHCoder, MmdetAnchorGenerator, MmdetRoIAlign, MmdetRPN, add_masks, class_detections, scale_factor,
+    DeltaXYWHCoder,
+    MmdetAnchorGenerator,
+    MmdetRoIAlign,
+    MmdetRPN,
+    add_masks,
+    class_detections,
+    scale_factor,
 )  # fmt: skip
 
 STAGE_IOUS = (0.5, 0.6, 0.7)

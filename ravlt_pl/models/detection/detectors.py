@@ -29,14 +29,20 @@ from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
 from .backbone import ravlt_fpn
 from .cascade import CascadeMaskRCNN, CascadeRoIHeads
 from .rcnn_rules import (
-    DeltaXYWHCoder, L1RoIHeads, MmdetAnchorGenerator, MmdetRoIAlign, MmdetRPN, add_masks, class_detections,
+    DeltaXYWHCoder,
+    L1RoIHeads,
+    MmdetAnchorGenerator,
+    MmdetRoIAlign,
+    MmdetRPN,
+    add_masks,
+    class_detections,
     scale_factor,
 )  # fmt: skip
 

@@ -17,7 +17,7 @@ included), and the inference helpers give exactly the authors' detections:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork
-from torchvision.ops import boxes as box_ops, nms, roi_align
+from torchvision.ops import boxes as box_ops
+from torchvision.ops import nms, roi_align
 
 #: mmdet ``wh_ratio_clip=16/1000``: |dw|, |dh| ≤ log(1000/16)
 DELTA_CLIP = abs(math.log(16 / 1000))
@@ -136,7 +137,7 @@ class MmdetRPN(RegionProposalNetwork):
         return objectness_loss, box_loss / sampled.numel()
 
     @classmethod
-    def like(cls, rpn: RegionProposalNetwork, anchor_generator: AnchorGenerator, **kwargs) -> "MmdetRPN":
+    def like(cls, rpn: RegionProposalNetwork, anchor_generator: AnchorGenerator, **kwargs) -> MmdetRPN:
         """An ``MmdetRPN`` with ``rpn``'s head and settings and ``anchor_generator``."""
         return cls(
             anchor_generator, rpn.head, rpn.proposal_matcher.high_threshold, rpn.proposal_matcher.low_threshold,

@@ -11,7 +11,7 @@ fc / conv widths, class count, stages — come from the shapes (:func:`build_mas
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn

@@ -22,7 +22,7 @@ the authors' model too: their FPN starts at stage 2 (``start_level=1``), so our 
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

@@ -20,7 +20,7 @@ pipeline does and rescales the boxes to the original images *before* NMS, as mmd
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -10,7 +10,7 @@ torchvision's ``FeaturePyramidNetwork`` (``lateral_convs`` = ``inner_blocks``, `
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn

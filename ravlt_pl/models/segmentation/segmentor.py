@@ -13,7 +13,8 @@ ratios, and ``predict_preprocessed`` its single-image test path on inputs its pi
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

@@ -9,7 +9,7 @@ the same layers and parameter count as mmdet's ``FPN``).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -9,7 +9,7 @@ published UperNet rows. The layer names follow mmseg (``psp_modules``, ``bottlen
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
