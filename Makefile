@@ -8,7 +8,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 # Every other package at the version the suite passed with (pyproject.toml keeps the ranges).
 PIN     := -c constraints.txt
 
-.PHONY: all venv test test-slurm gpu-check demo demo-det demo-seg clean-demo
+.PHONY: all venv lint format test test-slurm gpu-check demo demo-det demo-seg clean-demo
 
 all: venv
 
@@ -20,6 +20,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q $(TORCH) $(PIN)
 	$(BIN)/pip install -q -e '.[dev]' $(PIN)
 	touch $(STAMP)
+
+# ruff: the lint rules and the formatter of pyproject.toml ([tool.ruff]); `make format` applies the formatter.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test: venv
 	$(BIN)/python -m pytest -q tests

@@ -59,7 +59,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 raise
             # The temp file is gone; the error's own file name would be that temp file.
             reason = f"[Errno {cause.errno}] {cause.strerror}" if cause.errno else str(cause)
-            raise CheckpointError(f"cannot write checkpoint {path}: {reason} (the previous {path.name}, if any, is unchanged)") from None
+            raise CheckpointError(
+                f"cannot write checkpoint {path}: {reason} (the previous {path.name}, if any, is unchanged)"
+            ) from None
         _fsync_dir(path.parent)
         for stale in stale_temps(path):  # left by a save that was killed (not another run's save in progress)
             stale.unlink(missing_ok=True)
@@ -119,7 +121,9 @@ class LastCheckpoint(ModelCheckpoint):
 
 
 # -- refusing another config's checkpoint ---------------------------------------------------------
-def check_checkpoint_compatible(module: LightningModule, checkpoint: Mapping[str, Any], source: str = "checkpoint") -> None:
+def check_checkpoint_compatible(
+    module: LightningModule, checkpoint: Mapping[str, Any], source: str = "checkpoint"
+) -> None:
     """Raise :class:`CheckpointError` naming what differs when ``checkpoint`` cannot load onto
     ``module`` strictly (other variant, other number of classes, other task, EMA on/off).
 
@@ -150,17 +154,27 @@ def check_checkpoint_compatible(module: LightningModule, checkpoint: Mapping[str
         f"{k}={_short(theirs.get(k, '<unset>'))} there, {_short(mine.get(k, '<unset>'))} here"
         for k in sorted(set(theirs) | set(mine))
         # Not where files are, nor LightningCLI's bookkeeping (_class_path, _instantiator).
-        if k not in ("report_dir", "pretrained", "pretrained_strict") and not k.startswith("_")
+        if k not in ("report_dir", "pretrained", "pretrained_strict")
+        and not k.startswith("_")
         and theirs.get(k, "<unset>") != mine.get(k, "<unset>")
     ]
     if differing:
         problems.append("config differs: " + "; ".join(differing[:8]) + ("; ..." if len(differing) > 8 else ""))
     if shapes:
-        problems.append(f"{len(shapes)} tensors differ in shape (" + "; ".join(shapes[:3]) + ("; ..." if len(shapes) > 3 else "") + ")")
+        problems.append(
+            f"{len(shapes)} tensors differ in shape ("
+            + "; ".join(shapes[:3])
+            + ("; ..." if len(shapes) > 3 else "")
+            + ")"
+        )
     if missing:
-        problems.append(f"{len(missing)} tensors of this model are absent ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        problems.append(
+            f"{len(missing)} tensors of this model are absent ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+        )
     if unexpected:
-        problems.append(f"{len(unexpected)} tensors are not in this model ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
+        problems.append(
+            f"{len(unexpected)} tensors are not in this model ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})"
+        )
     raise CheckpointError(
         f"{source} was made with another configuration and cannot be resumed or evaluated with this one: "
         + "; ".join(problems)
@@ -388,7 +402,9 @@ class RunInfo(Callback):
         )  # fmt: skip
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._write(resumed_from=str(trainer.ckpt_path) if trainer.ckpt_path else None, start_global_step=trainer.global_step)
+        self._write(
+            resumed_from=str(trainer.ckpt_path) if trainer.ckpt_path else None, start_global_step=trainer.global_step
+        )
         if trainer.is_global_zero:  # where this run's logs, checkpoints and reports go (rank 0 writes them)
             self._write(log_dir=getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir)
 

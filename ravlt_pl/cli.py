@@ -42,8 +42,11 @@ def main(args: list[str] | None = None) -> RAVLTCLI | dict | None:
             return importlib.import_module(SUBCOMMANDS[args[0]]).main(args[1:])
         return build_cli(args)
     except SIGTERMException as err:  # FaultTolerance names the signal, step and checkpoint when it stops a fit
-        sys.exit(str(err) if str(err) else
-                 "stopped by SIGTERM; a requeued Slurm job resumes by itself, else rerun with --ckpt_path last")
+        sys.exit(
+            str(err)
+            if str(err)
+            else "stopped by SIGTERM; a requeued Slurm job resumes by itself, else rerun with --ckpt_path last"
+        )
     except (DatasetError, CheckpointError, ConfigError, FileNotFoundError, WriteError) as err:
         message = str(err).split("Original Traceback")[0].strip()
         if "DataLoader worker" in message:  # keep the named file, drop the worker preamble

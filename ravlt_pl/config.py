@@ -16,6 +16,8 @@ import yaml
 PACKAGE_CONFIGS = Path(str(resources.files("ravlt_pl") / "configs"))
 
 PROG = "python -m ravlt_pl"
+
+
 class ConfigError(ValueError):
     """A configuration value the run cannot use; the message names the option and the reason."""
 

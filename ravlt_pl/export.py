@@ -193,7 +193,9 @@ def reference_kernels(model: nn.Module) -> Iterator[None]:
             module.fast = fast
 
 
-def check_request(path: str | Path, format: str, input_size: Sequence[int], dynamic: bool) -> tuple[Path, tuple[int, int]]:
+def check_request(
+    path: str | Path, format: str, input_size: Sequence[int], dynamic: bool
+) -> tuple[Path, tuple[int, int]]:
     """``(path, (H, W))`` once the format's packages, the size and the target folder are fine
     (checked before the slow parts); :class:`ExportError` otherwise."""
     if format not in FORMATS:
@@ -209,7 +211,9 @@ def _require_onnx() -> None:
         import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as err:
-        raise ExportError(f"ONNX export needs {err.name} (onnx, onnxscript, onnxruntime): pip install 'ravlt_pl[export]'") from None
+        raise ExportError(
+            f"ONNX export needs {err.name} (onnx, onnxscript, onnxruntime): pip install 'ravlt_pl[export]'"
+        ) from None
 
 
 def _check_size(input_size: Sequence[int], dynamic: bool) -> tuple[int, int]:
@@ -306,14 +310,22 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         "Other options (e.g. --model.init_args.backbone_overrides) go to the config as in fit.",
     )
     parser.add_argument("--config", required=True, help="task config (a path or a name under configs/)")
-    parser.add_argument("--ckpt", help="weights: our Lightning checkpoint or the authors' release (default: the config's init)")
+    parser.add_argument(
+        "--ckpt", help="weights: our Lightning checkpoint or the authors' release (default: the config's init)"
+    )
     parser.add_argument("--use-ema", action="store_true", help="take the checkpoint's EMA weights")
-    parser.add_argument("--format", required=True, choices=FORMATS, help="onnx (needs ravlt_pl[export]) or pt2 (torch.export)")
+    parser.add_argument(
+        "--format", required=True, choices=FORMATS, help="onnx (needs ravlt_pl[export]) or pt2 (torch.export)"
+    )
     parser.add_argument("--out", required=True, help="file to write (replaced atomically once the check passes)")
     parser.add_argument("--input-size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"),
                         help="input height and width, multiples of 32 (default 224 224)")  # fmt: skip
-    parser.add_argument("--static", action="store_true", help="fix the input to (1, 3, H, W) (default: dynamic batch, H, W)")
-    parser.add_argument("--atol", type=float, default=1e-4, help="largest accepted abs difference from eager (default 1e-4)")
+    parser.add_argument(
+        "--static", action="store_true", help="fix the input to (1, 3, H, W) (default: dynamic batch, H, W)"
+    )
+    parser.add_argument(
+        "--atol", type=float, default=1e-4, help="largest accepted abs difference from eager (default 1e-4)"
+    )
     return parser.parse_known_args(list(argv))
 
 
@@ -333,7 +345,9 @@ def load_weights(network: nn.Module, path: str | Path, use_ema: bool = False) ->
         network.load_state_dict(state)
     except RuntimeError as err:  # "Error(s) in loading state_dict for X:\n\t<first problem>\n\t..."
         reason = str(err).split("\n\t")[1] if "\n\t" in str(err) else str(err)
-        raise CheckpointError(f"{source}: does not fit the config's network ({reason}); was it made with another config?") from None
+        raise CheckpointError(
+            f"{source}: does not fit the config's network ({reason}); was it made with another config?"
+        ) from None
     return f"{source} (Lightning checkpoint{', EMA' if use_ema else ''}: {len(state)} tensors)"
 
 

@@ -49,7 +49,6 @@ take --config NAME.yaml (a path, or a name under configs/) and --key.subkey over
   export        a trained network to ONNX or a torch.export program (`{PROG} export --help`)"""
 
 
-
 # -- parse errors that say what was meant ------------------------------------------------------
 def _init_parameters(class_path: str) -> list[str]:
     """The constructor arguments jsonargparse accepts for ``class_path`` (following ``**kwargs`` up the MRO)."""
@@ -178,7 +177,11 @@ class RAVLTCLI(LightningCLI):
             if found is None:
                 raise ConfigError(f"--ckpt_path best: no best-*.ckpt under {root}; give a checkpoint path or 'last'")
             config["ckpt_path"] = ckpt_path = str(found)
-        if ckpt_path in (None, "best", "hpc", "registry") or "://" in str(ckpt_path) or str(ckpt_path).startswith("registry:"):
+        if (
+            ckpt_path in (None, "best", "hpc", "registry")
+            or "://" in str(ckpt_path)
+            or str(ckpt_path).startswith("registry:")
+        ):
             return
         if ckpt_path == "last":
             # The newest last/hpc checkpoint under the run's root, whichever logger version wrote it
@@ -186,7 +189,9 @@ class RAVLTCLI(LightningCLI):
             root = config.get("trainer", {}).get("default_root_dir") or os.getcwd()
             found = find_last_checkpoint(root)
             if found is None:
-                raise ConfigError(f"--ckpt_path last: no last*.ckpt or hpc_ckpt_*.ckpt under {root}; leave --ckpt_path out to start afresh")
+                raise ConfigError(
+                    f"--ckpt_path last: no last*.ckpt or hpc_ckpt_*.ckpt under {root}; leave --ckpt_path out to start afresh"
+                )
             config["ckpt_path"] = ckpt_path = str(found)
         checkpoint, source = read_checkpoint(ckpt_path, mmap=True)
         if "pytorch-lightning_version" not in checkpoint or "state_dict" not in checkpoint:
@@ -209,7 +214,9 @@ class RAVLTCLI(LightningCLI):
                 cause = cause.__cause__
             if cause is err or not isinstance(cause, (ValueError, FileNotFoundError)):
                 raise
-            raise (cause if isinstance(cause, (DatasetError, CheckpointError, ConfigError)) else ConfigError(str(cause))) from err
+            raise (
+                cause if isinstance(cause, (DatasetError, CheckpointError, ConfigError)) else ConfigError(str(cause))
+            ) from err
 
     def _record_counted_classes(self) -> None:
         """The class count the data gave (``num_classes`` left out) goes into the run's saved config.yaml,

@@ -51,7 +51,7 @@ RELEASED_FILES: dict[str, str] = {
     **{f"Casmaskrcnn_{v}_3x_36_epoch.pth": f"det/cascade_maskrcnn_{v}_3x.yaml" for v in "sbl"},
     **{f"fpn_{v}_1x.pth": f"seg/fpn_{v}_80k.yaml" for v in "tsbl"},
     **{f"uper_{v}_2x.pth": f"seg/upernet_{v}_160k.yaml" for v in "sbl"},
-}  # fmt: skip
+}
 
 
 def released_config(checkpoint: str | Path) -> str | None:

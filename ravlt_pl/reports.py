@@ -129,9 +129,14 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], floatf
     return "\n".join(lines) + "\n"
 
 
-def write_report(out_dir: str | Path, name: str, data: Mapping[str, Any], markdown: str,
-                 figures: Mapping[str, plt.Figure] | None = None,
-                 extra: Mapping[str, Callable[[Path], None]] | None = None) -> dict[str, Path]:
+def write_report(
+    out_dir: str | Path,
+    name: str,
+    data: Mapping[str, Any],
+    markdown: str,
+    figures: Mapping[str, plt.Figure] | None = None,
+    extra: Mapping[str, Callable[[Path], None]] | None = None,
+) -> dict[str, Path]:
     """``out_dir/name.json``, ``out_dir/name.md``, ``out_dir/name_<key>.png`` per figure and the ``extra``
     files (file name → writer), written as one set (:func:`write_files`)."""
     out_dir = Path(out_dir)

@@ -42,15 +42,25 @@ def cpu_capability(isa: str) -> str:
     """The kernel set PyTorch dispatches to under ``ISA_ENV[isa]`` (checks that the cap takes effect)."""
     probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
     env = {**os.environ, **ISA_ENV[isa]}
-    return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def run_seed(task: str, seed: int, isa: str, root: Path, extra: list[str]) -> dict:
     """One demo run; returns its seed, headline name and value, wall and CPU seconds and report dir."""
     log_root = root / f"{task}_{isa}_seed{seed}"
-    command = [sys.executable, "-m", "ravlt_pl.demo", task, "--seed_everything", str(seed),
-               "--trainer.default_root_dir", str(log_root), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "ravlt_pl.demo",
+        task,
+        "--seed_everything",
+        str(seed),
+        "--trainer.default_root_dir",
+        str(log_root),
+        *extra,
+    ]
     cpu_before, start = children_cpu_seconds(), time.time()
     finished = subprocess.run(command, env={**os.environ, **ISA_ENV[isa]}, capture_output=True, text=True)
     wall, cpu = time.time() - start, children_cpu_seconds() - cpu_before
@@ -59,16 +69,26 @@ def run_seed(task: str, seed: int, isa: str, root: Path, extra: list[str]) -> di
     report_dir = Path(REPORT_LINE.search(finished.stdout)["dir"])
     reports = (json.loads(p.read_text()) for p in report_dir.glob("*.json"))
     headline = next(r for r in reports if isinstance(r, dict) and "headline" in r)["headline"]
-    return {"seed": seed, "name": headline["name"], "value": headline["value"],
-            "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "reports": str(report_dir)}
+    return {
+        "seed": seed,
+        "name": headline["name"],
+        "value": headline["value"],
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        "reports": str(report_dir),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("task", choices=TASKS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--isa", choices=sorted(ISA_ENV), default="native",
-                        help="cap PyTorch's CPU kernels at this instruction set (default: no cap)")
+    parser.add_argument(
+        "--isa",
+        choices=sorted(ISA_ENV),
+        default="native",
+        help="cap PyTorch's CPU kernels at this instruction set (default: no cap)",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/demo_seeds"))
     args, extra = parser.parse_known_args(argv)  # the rest goes to the demo (CLI overrides)
     capability = cpu_capability(args.isa)
@@ -77,15 +97,28 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         runs.append(run_seed(args.task, seed, args.isa, args.out, extra))
         r = runs[-1]
-        print(f"{args.task} [{args.isa}] seed {seed}: {r['name']} = {r['value']:.4f}  "
-              f"wall {r['wall_s']:.0f} s, CPU {r['cpu_s']:.0f} s", flush=True)
+        print(
+            f"{args.task} [{args.isa}] seed {seed}: {r['name']} = {r['value']:.4f}  "
+            f"wall {r['wall_s']:.0f} s, CPU {r['cpu_s']:.0f} s",
+            flush=True,
+        )
     values = [r["value"] for r in runs]
-    summary = {"task": args.task, "isa": args.isa, "cpu_capability": capability, "extra": extra, "runs": runs,
-               "min": min(values), "median": statistics.median(values), "max": max(values)}
+    summary = {
+        "task": args.task,
+        "isa": args.isa,
+        "cpu_capability": capability,
+        "extra": extra,
+        "runs": runs,
+        "min": min(values),
+        "median": statistics.median(values),
+        "max": max(values),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.task}_{args.isa}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{args.task} [{args.isa}] {runs[0]['name']} over seeds {args.seeds}: min {summary['min']:.4f} / "
-          f"median {summary['median']:.4f} / max {summary['max']:.4f}")
+    print(
+        f"{args.task} [{args.isa}] {runs[0]['name']} over seeds {args.seeds}: min {summary['min']:.4f} / "
+        f"median {summary['median']:.4f} / max {summary['max']:.4f}"
+    )
 
 
 if __name__ == "__main__":

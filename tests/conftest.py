@@ -49,7 +49,9 @@ def synthetic_cls(tmp_path_factory) -> Path:
     """A tiny ImageFolder set (5 shape classes, 32 px) shared by the classification tests."""
     from ravlt_pl.data.synthetic import make_classification
 
-    return make_classification(tmp_path_factory.mktemp("cls") / "shapes", train_per_class=4, val_per_class=3, image_size=32)
+    return make_classification(
+        tmp_path_factory.mktemp("cls") / "shapes", train_per_class=4, val_per_class=3, image_size=32
+    )
 
 
 def tiny_cli_args(config: str, root: Path, out: Path, *extra: str) -> list[str]:

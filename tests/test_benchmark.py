@@ -1,4 +1,5 @@
 """Smoke test of the speed benchmark runner (ravlt_pl/benchmark/runner.py) with tiny settings."""
+
 import json
 
 import pytest

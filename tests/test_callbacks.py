@@ -86,7 +86,9 @@ def test_fit_on_a_filling_disk_stops_with_one_line_and_the_last_checkpoint_intac
     with pytest.raises(SystemExit) as stop:
         main(fit_args(synthetic_cls, tmp_path, epochs=2))
     message = str(stop.value.code)
-    failed = re.fullmatch(r"error: cannot write checkpoint (\S+\.ckpt): \[Errno 28\] No space left on device \(.*\)", message)
+    failed = re.fullmatch(
+        r"error: cannot write checkpoint (\S+\.ckpt): \[Errno 28\] No space left on device \(.*\)", message
+    )
     assert failed and "\n" not in message, message
     assert not Path(failed[1]).exists() or global_step(Path(failed[1])) == STEPS_PER_EPOCH
     assert global_step(find_last_checkpoint(tmp_path)) == STEPS_PER_EPOCH  # epoch 0's last.ckpt, whole

@@ -15,8 +15,11 @@ from tests.conftest import TINY, tiny_cli_args
 
 PACKAGE = Path(ravlt_pl.__file__).resolve().parent
 CONFIGS = Path(__file__).resolve().parents[1] / "ravlt_pl" / "configs"
-CLS_CONFIGS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml")
-                     if "ImageNetDataModule" in p.read_text() and "finetune" not in p.parts)  # finetune: tests/tasks/test_finetune.py
+CLS_CONFIGS = sorted(
+    p.relative_to(CONFIGS).as_posix()
+    for p in CONFIGS.rglob("*.yaml")
+    if "ImageNetDataModule" in p.read_text() and "finetune" not in p.parts
+)  # finetune: tests/tasks/test_finetune.py
 
 
 def test_bare_config_names_resolve_against_configs_dir(tmp_path, monkeypatch):

@@ -25,7 +25,9 @@ def test_every_declared_dependency_is_pinned_within_its_range():
         if name in ("torch", "torchvision", "ravlt-pl"):  # pinned by the Makefile / the package itself
             continue
         assert name in pins, f"constraints.txt pins no version of {requirement.name}"
-        assert requirement.specifier.contains(pins[name]), f"constraints.txt: {name}=={pins[name]} outside {requirement}"
+        assert requirement.specifier.contains(pins[name]), (
+            f"constraints.txt: {name}=={pins[name]} outside {requirement}"
+        )
 
 
 def test_make_installs_with_the_constraints():

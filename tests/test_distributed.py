@@ -73,7 +73,9 @@ def one_thread():
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
     """20 training images (5 batches of 4) and 13 validation images (odd, and uneven batch counts per rank)."""
-    root = make_classification(tmp_path_factory.mktemp("dist") / "shapes", train_per_class=4, val_per_class=3, image_size=32)
+    root = make_classification(
+        tmp_path_factory.mktemp("dist") / "shapes", train_per_class=4, val_per_class=3, image_size=32
+    )
     for name in ("circle", "star"):
         sorted((root / "val" / name).iterdir())[0].unlink()
     return root
@@ -130,7 +132,9 @@ def test_resumable_sampler_skips_the_trained_batches_of_the_resumed_epoch_only()
         return list(inner)
 
     position = [(1, 3)]  # what the restored loop says: epoch 1, 3 batches of it trained
-    sampler = ResumableSampler(DistributedSampler(range(20), 1, 0, shuffle=True, seed=0, drop_last=True), lambda: position[0], 4)
+    sampler = ResumableSampler(
+        DistributedSampler(range(20), 1, 0, shuffle=True, seed=0, drop_last=True), lambda: position[0], 4
+    )
     assert list(sampler) == order(1)[12:]  # the rest of epoch 1 only
     sampler.set_epoch(2)
     assert list(sampler) == order(2) and len(sampler) == 20  # the next epochs whole
@@ -227,12 +231,14 @@ def test_resume_from_an_epoch_end_checkpoint_is_exact(shapes, reference, tmp_pat
     assert_same_training_state(last_checkpoint(cli), reference)
 
 
-def test_slurm_requeue_signal_checkpoints_at_a_step_boundary_and_resumes_exactly(shapes, reference, tmp_path, monkeypatch):
+def test_slurm_requeue_signal_checkpoints_at_a_step_boundary_and_resumes_exactly(
+    shapes, reference, tmp_path, monkeypatch
+):
     """Lightning's own SLURMEnvironment + auto-requeue, with ``scontrol`` replaced by a recorder
     (the real-cluster version is tests/test_slurm.py)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
     (bin_dir / "scontrol").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     for key, value in dict(SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1", SLURM_JOB_NAME="ravlt", SLURM_JOB_ID="4242",
@@ -246,7 +252,9 @@ def test_slurm_requeue_signal_checkpoints_at_a_step_boundary_and_resumes_exactly
     hpc = run / "hpc_ckpt_1.ckpt"
     assert torch.load(hpc, weights_only=False)["global_step"] == 3  # the step the signal came after, exactly
     fault_tolerance = next(c for c in cli.trainer.callbacks if type(c).__name__ == "FaultTolerance")
-    assert signal.getsignal(signal.SIGUSR1) == fault_tolerance._note  # kept: a late requeue signal is ignored, not fatal
+    assert (
+        signal.getsignal(signal.SIGUSR1) == fault_tolerance._note
+    )  # kept: a late requeue signal is ignored, not fatal
     # The requeued job: same command, same directory; Lightning picks hpc_ckpt_1.ckpt up by itself.
     cli = main(fit_args(shapes, run))
     assert Path(cli.trainer.ckpt_path) == hpc and cli.trainer.global_step == STEPS
@@ -310,7 +318,9 @@ def validate_specs(shapes: Path, reference: Path, root: Path) -> dict[str, list[
             "--data.init_args.scale", "[96, 64]", "--data.init_args.global_batch_size", "null",
             "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
         ]  # fmt: skip
-    if (REPO / "ravlt_pl" / "tasks" / "segmentation.py").is_file() and (REPO / "configs" / "demo" / "seg.yaml").is_file():
+    if (REPO / "ravlt_pl" / "tasks" / "segmentation.py").is_file() and (
+        REPO / "configs" / "demo" / "seg.yaml"
+    ).is_file():
         from ravlt_pl.data.synthetic import make_segmentation
 
         ade = make_segmentation(root / "ade", num_train=2, num_val=5, image_size=(64, 48))

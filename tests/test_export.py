@@ -20,7 +20,7 @@ from ravlt_pl.export import (
     load_weights,
     main,
     reference_kernels,
-)  # fmt: skip
+)
 from ravlt_pl.models import RAVLT, CheckpointError, build_backbone, load_official
 
 from .conftest import FIXTURES, TINY
@@ -73,7 +73,9 @@ def test_pt2_loads_and_runs_in_a_process_that_never_imports_ravlt_pl(classifier,
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ravlt_pl'))\n"
     )
     # -I: no current folder or PYTHONPATH on sys.path; an op registered by ravlt_pl would fail to load.
-    run = subprocess.run([sys.executable, "-I", "-c", loader], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-I", "-c", loader], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
     outputs = torch.load(tmp_path / "outputs.pt")
@@ -105,7 +107,9 @@ def test_a_failed_check_keeps_the_existing_file(tmp_path):
 def test_command_exports_a_config_with_the_authors_weights(official_cls, tmp_path, capsys):
     """``export`` on the demo config shaped like the fixture, with the authors' checkpoint (the DeiT
     form, argparse options included): the ONNX model reproduces the authors' logits."""
-    onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX export needs the export extra: pip install 'ravlt_pl[export]'")
+    onnxruntime = pytest.importorskip(
+        "onnxruntime", reason="ONNX export needs the export extra: pip install 'ravlt_pl[export]'"
+    )
     config = {k: v for k, v in official_cls["config"].items() if k != "num_classes"}
     release = tmp_path / "ravlt_tiny.pth"
     torch.save({"model": official_cls["state_dict"], "args": argparse.Namespace(model="ravlt_tiny")}, release)
@@ -165,7 +169,7 @@ def test_lightning_checkpoint_loads_the_network_or_its_ema(tmp_path):
         (["--format", "pt2", "--ckpt", "{tmp}/missing.ckpt"], "missing.ckpt: no such checkpoint file"),
         (["--format", "pt2", "--config", "no_such_config.yaml"], "config 'no_such_config.yaml' not found"),
     ],
-)  # fmt: skip
+)
 def test_bad_requests_fail_with_one_line(argv, message, tmp_path, capsys):
     (tmp_path / "a_file").write_text("not a folder")
     defaults = {"--config": CLS_DEMO, "--out": str(tmp_path / "model.pt2")}
@@ -243,7 +247,9 @@ def test_the_whole_retinanet_exports_to_pt2_with_anchors_decoding_and_nms(retina
         "torch.save({k: model(x) for k, x in torch.load('inputs.pt').items()}, 'outputs.pt')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ravlt_pl'))\n"
     )
-    run = subprocess.run([sys.executable, "-I", "-c", loader], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-I", "-c", loader], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
     outputs = torch.load(tmp_path / "outputs.pt")

@@ -15,7 +15,12 @@ def instances() -> dict[type, object]:
     from lightning.pytorch.cli import LightningCLI
 
     trainer = Trainer(logger=False, accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False)
-    return {Trainer: trainer, ModelCheckpoint: ModelCheckpoint(), LightningModule: LightningModule(), LightningCLI: LightningCLI}
+    return {
+        Trainer: trainer,
+        ModelCheckpoint: ModelCheckpoint(),
+        LightningModule: LightningModule(),
+        LightningCLI: LightningCLI,
+    }
 
 
 @pytest.mark.parametrize("owner, path", PRIVATE_ATTRIBUTES, ids=[f"{o.__name__}.{p}" for o, p in PRIVATE_ATTRIBUTES])
@@ -27,7 +32,9 @@ def test_the_installed_lightning_has(owner, path, instances):
 
 
 def test_a_missing_attribute_is_named_with_the_lightning_version(instances):
-    with pytest.raises(LightningCompatError, match=rf"Lightning {lightning.__version__}: Trainer\.fit_loop\.gone_counter is gone"):
+    with pytest.raises(
+        LightningCompatError, match=rf"Lightning {lightning.__version__}: Trainer\.fit_loop\.gone_counter is gone"
+    ):
         private(instances[Trainer], "fit_loop.gone_counter.current")
 
 

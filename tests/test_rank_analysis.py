@@ -117,7 +117,9 @@ def test_analyze_rank_command_writes_json_markdown_and_png(tmp_path):
     assert data["headline"]["name"] == "kv_rank_fraction/rala" and 0 < data["headline"]["value"] <= 1
     assert data["run"]["num_images"] == 3 and len(data["blocks"]) == sum(TINY["depths"])
     assert [s["attention"] for s in data["stages"]] == ["linear", "linear", "softmax", "softmax"]
-    assert set(data["stages"][0]["kinds"]) == {"rala", "plain", "softmax"} and set(data["stages"][3]["kinds"]) == {"softmax"}
+    assert set(data["stages"][0]["kinds"]) == {"rala", "plain", "softmax"} and set(data["stages"][3]["kinds"]) == {
+        "softmax"
+    }
     first = data["blocks"][0]["kinds"]["rala"]["kv"]
     assert len(first["rank"]) == 3 and len(first["rank"][0]) == TINY["num_heads"][0]
     markdown = (out / "rank.md").read_text()
@@ -128,7 +130,10 @@ def test_analyze_rank_command_writes_json_markdown_and_png(tmp_path):
 
 def test_checkpoints_load_by_suffix_from_lightning_and_the_authors_form(model, official_cls, tmp_path):
     state = model.state_dict()
-    lightning = {"pytorch-lightning_version": "2", "state_dict": {f"model.backbone.body.{k}": v for k, v in state.items()}}
+    lightning = {
+        "pytorch-lightning_version": "2",
+        "state_dict": {f"model.backbone.body.{k}": v for k, v in state.items()},
+    }
     lightning["state_dict"].update({f"ema.module.backbone.body.{k}": v + 1 for k, v in state.items()})
     torch.save(lightning, tmp_path / "ours.ckpt")
     key = "layers.0.blocks.0.attn.qkvo.weight"

@@ -108,7 +108,8 @@ def _recipe(name: str) -> list[tuple[str, dict]]:
 
 
 PUBLISHED = sorted(
-    str(p.relative_to(CONFIGS)) for p in [*CONFIGS.glob("cls_*.yaml"), *CONFIGS.glob("det/*.yaml"), *CONFIGS.glob("seg/*.yaml")]
+    str(p.relative_to(CONFIGS))
+    for p in [*CONFIGS.glob("cls_*.yaml"), *CONFIGS.glob("det/*.yaml"), *CONFIGS.glob("seg/*.yaml")]
 )
 
 

@@ -78,7 +78,9 @@ def slurm_env() -> dict[str, str]:
                     "slurmctld slurmd slurm-client munge")  # fmt: skip
     conf = STATE / "slurm.conf"
     if not (STATE / "pids").is_file():
-        pytest.skip(f"no local Slurm running in {STATE}: scripts/slurm/local_cluster.sh start (make test-slurm does it)")
+        pytest.skip(
+            f"no local Slurm running in {STATE}: scripts/slurm/local_cluster.sh start (make test-slurm does it)"
+        )
     env = {**os.environ, "PATH": path, "SLURM_CONF": str(conf)}
     info = subprocess.run(["sinfo", "-h", "-o", "%D %t"], env=env, capture_output=True, text=True, timeout=30)
     if info.returncode or info.stdout.split() != ["2", "idle"]:
@@ -108,8 +110,17 @@ def wait_for(condition, what: str, job: str, env, log: Path, timeout: float = 24
     pytest.fail(f"waiting for {what}: job {job} is {scontrol_job(job, env).get('JobState')}; output:\n{output}")
 
 
-def submit(env, data: Path, run: Path, log: Path, *extra: str, sbatch: tuple[str, ...] = (), gate: Path | None = None,
-           steps: tuple[int, ...] = (), at_end: bool = False) -> str:
+def submit(
+    env,
+    data: Path,
+    run: Path,
+    log: Path,
+    *extra: str,
+    sbatch: tuple[str, ...] = (),
+    gate: Path | None = None,
+    steps: tuple[int, ...] = (),
+    at_end: bool = False,
+) -> str:
     """``sbatch [sbatch options] scripts/slurm/train.sbatch demo/cls.yaml`` + tiny overrides; the job id.
     No resources are asked for here: the template's own (2 nodes × 1 task × 1 CPU) are used."""
     gated = [] if gate is None else [
@@ -158,7 +169,10 @@ def wait_until_completed(env, job: str, log: Path) -> dict[str, str]:
 
 
 def run_records(run: Path, job: str) -> dict[str, dict]:
-    return {p.stem.split(f"job{job}-")[1]: json.loads(p.read_text()) for p in (run / "run_info").glob(f"fit-job{job}-*.json")}
+    return {
+        p.stem.split(f"job{job}-")[1]: json.loads(p.read_text())
+        for p in (run / "run_info").glob(f"fit-job{job}-*.json")
+    }
 
 
 def check_two_ranks_under_slurm(records: dict[str, dict], job: str, restarts=(0,)) -> None:
@@ -262,7 +276,9 @@ def test_two_node_job_cancelled_resumes_with_ckpt_path_last(slurm_env, tmp_path)
     gate.mkdir()
     first = submit(slurm_env, data, run, tmp_path / "first.out", gate=gate, steps=(3,))
     try:
-        act_at(slurm_env, first, gate, tmp_path / "first.out", "step3", [], "checkpoint + stop at the next step boundary")
+        act_at(
+            slurm_env, first, gate, tmp_path / "first.out", "step3", [], "checkpoint + stop at the next step boundary"
+        )
         wait_for(lambda: scontrol_job(first, slurm_env).get("JobState") == "CANCELLED", "the job to end", first,
                  slurm_env, tmp_path / "first.out", timeout=120)  # fmt: skip
     finally:

@@ -77,7 +77,9 @@ def test_malicious_pickle_never_runs_and_is_named(malicious, synthetic_cls, tmp_
 
 def test_authors_release_with_its_argparse_namespace_loads(official_cls, tmp_path):
     path = tmp_path / "RAVLT_T.pth"
-    torch.save({"model": official_cls["state_dict"], "args": argparse.Namespace(lr=5e-4, model="RAVLT_T"), "epoch": 299}, path)
+    torch.save(
+        {"model": official_cls["state_dict"], "args": argparse.Namespace(lr=5e-4, model="RAVLT_T"), "epoch": 299}, path
+    )
     report = load_official(RAVLT(**official_cls["config"]), path)
     assert not report.missing and not report.ignored
 
@@ -92,7 +94,11 @@ def test_pretrained_from_a_ddp_or_compiled_run_loads_every_backbone_tensor(tmp_p
         torch.save({"model": {prefix + k: v for k, v in source.state_dict().items()}}, path)
         task = ClassificationTask(num_classes=3, backbone_overrides=json.loads(TINY_ARGS), pretrained=str(path))
         task.load_pretrained()  # what the start of a fit (or of validate without a checkpoint) does
-        assert all(torch.equal(v, source.state_dict()[k]) for k, v in task.model.state_dict().items() if k.startswith("layers."))
+        assert all(
+            torch.equal(v, source.state_dict()[k])
+            for k, v in task.model.state_dict().items()
+            if k.startswith("layers.")
+        )
 
 
 def test_pretrained_that_does_not_fit_stops_in_one_line_unless_partial_is_asked(synthetic_cls, tmp_path, caplog):
@@ -101,7 +107,10 @@ def test_pretrained_that_does_not_fit_stops_in_one_line_unless_partial_is_asked(
     # validate without --ckpt_path evaluates the config's weights: pretrained is read at its start
     args = run_args("validate", synthetic_cls, tmp_path / "run", "--model.init_args.pretrained", str(resnet))
     message = error_of(args)
-    assert message.startswith(f"error: {resnet}: 0 of ") and "backbone tensors load; first unmatched: patch_embed." in message
+    assert (
+        message.startswith(f"error: {resnet}: 0 of ")
+        and "backbone tensors load; first unmatched: patch_embed." in message
+    )
     assert "\n" not in message and "pretrained_strict false" in message
     with caplog.at_level("WARNING", logger="ravlt_pl.models.checkpoint"):
         assert main([*args, "--model.init_args.pretrained_strict", "false"]).trainer.state.finished
@@ -121,7 +130,9 @@ def test_ckpt_path_of_another_architecture_is_refused_naming_what_differs(traine
     message = error_of(args)
     assert message.startswith(f"error: {trained} was made with another configuration")
     assert '"embed_dims": [16, 32, 48, 64]' in message and "differ in shape" in message
-    assert "_class_path" not in message and "_instantiator" not in message  # LightningCLI's bookkeeping is no difference
+    assert (
+        "_class_path" not in message and "_instantiator" not in message
+    )  # LightningCLI's bookkeeping is no difference
 
 
 def test_classification_checkpoint_into_detection_says_so(trained, tmp_path):
@@ -164,15 +175,23 @@ def test_bad_ckpt_paths_fail_in_one_line(trained, synthetic_cls, tmp_path, offic
 @pytest.mark.parametrize(
     "override, reason",
     [
-        (["--model.init_args.optimizer.init_args.lr", "-0.1"], "error: model.init_args.optimizer: Invalid learning rate: -0.1"),
+        (
+            ["--model.init_args.optimizer.init_args.lr", "-0.1"],
+            "error: model.init_args.optimizer: Invalid learning rate: -0.1",
+        ),
         (["--model.init_args.variant", "ravlt_x"], "error: unknown RAVLT variant 'ravlt_x'; choose one of"),
         (["--model.init_args.pretrained", "absent.pth"], "error: absent.pth: no such checkpoint file"),
         (["--data.init_args.batch_size", "0"], "error: --data.init_args.batch_size 0: must be a positive number"),
         (["--data.init_args.batch_size", "-1"], "error: --data.init_args.batch_size -1: must be a positive number"),
         (["--data.init_args.num_workers", "-2"], "error: --data.init_args.num_workers -2: must be 0"),
-        (["--trainer.max_steps", "-1", "--trainer.max_epochs", "-1"], "error: --trainer.max_epochs -1 (no end) needs --trainer.max_steps"),
-        (["--trainer.enable_checkpointing", "false", "--trainer.callbacks+=ModelCheckpoint"],
-         "error: --trainer.enable_checkpointing false, but trainer.callbacks has ModelCheckpoint"),
+        (
+            ["--trainer.max_steps", "-1", "--trainer.max_epochs", "-1"],
+            "error: --trainer.max_epochs -1 (no end) needs --trainer.max_steps",
+        ),
+        (
+            ["--trainer.enable_checkpointing", "false", "--trainer.callbacks+=ModelCheckpoint"],
+            "error: --trainer.enable_checkpointing false, but trainer.callbacks has ModelCheckpoint",
+        ),
     ],
 )
 def test_bad_values_fail_in_one_line(override, reason, synthetic_cls, tmp_path):
@@ -185,7 +204,9 @@ def test_fit_without_training_batches_is_refused(synthetic_cls, tmp_path):
     args = run_args("fit", synthetic_cls, tmp_path, "--data.init_args.batch_size", "32")
     assert error_of(args) == ("error: fit has no training batches: 20 training samples at batch size 32 with drop_last "
                               "per device; check the data root and batch size")  # fmt: skip
-    assert "fit would train nothing" in error_of(run_args("fit", synthetic_cls, tmp_path, "--trainer.limit_train_batches", "0"))
+    assert "fit would train nothing" in error_of(
+        run_args("fit", synthetic_cls, tmp_path, "--trainer.limit_train_batches", "0")
+    )
 
 
 def test_ckpt_path_last_resumes_the_newest_last_checkpoint(trained, synthetic_cls, tmp_path):
@@ -197,7 +218,9 @@ def test_ckpt_path_last_resumes_the_newest_last_checkpoint(trained, synthetic_cl
 
 
 def test_enable_checkpointing_false_is_honoured(synthetic_cls, tmp_path):
-    cli = main(run_args("fit", synthetic_cls, tmp_path, "--trainer.max_steps", "2", "--trainer.enable_checkpointing", "false"))
+    cli = main(
+        run_args("fit", synthetic_cls, tmp_path, "--trainer.max_steps", "2", "--trainer.enable_checkpointing", "false")
+    )
     assert cli.trainer.global_step == 2 and not cli.trainer.checkpoint_callbacks
     assert not list(tmp_path.rglob("*.ckpt"))
 
@@ -232,7 +255,8 @@ def test_a_full_disk_while_writing_config_or_reports_stops_in_one_line(synthetic
     fill_disk(["config.yaml"])
     message = error_of(run_args("fit", synthetic_cls, tmp_path / "a", "--trainer.max_steps", "1"))
     assert message.startswith("error: cannot write ") and message.endswith(
-        "config.yaml: [Errno 28] No space left on device (the previous config.yaml, if any, is unchanged)")
+        "config.yaml: [Errno 28] No space left on device (the previous config.yaml, if any, is unchanged)"
+    )
     assert not list((tmp_path / "a").rglob("config.yaml")) and not list((tmp_path / "a").rglob("*.tmp"))
     fill_disk(["classification_val.md"])
     message = error_of(run_args("validate", synthetic_cls, tmp_path / "b"))

@@ -44,7 +44,9 @@ def analyze(model: torch.nn.Module, images: torch.Tensor, kinds: Sequence[str] =
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ravlt_pl analyze-rank", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--config", required=True, help="task config (its model.init_args.variant / backbone_overrides)")
+    parser.add_argument(
+        "--config", required=True, help="task config (its model.init_args.variant / backbone_overrides)"
+    )
     parser.add_argument("--ckpt", help="our Lightning checkpoint or the authors' release (default: random init)")
     parser.add_argument("--use-ema", action="store_true", help="take the EMA weights of the checkpoint")
     parser.add_argument("--backbone-overrides", type=json.loads, default=None,
@@ -88,12 +90,18 @@ def main(argv: Sequence[str]) -> dict:
     data = {
         "headline": headline(blocks),
         "run": {
-            "config": str(config_name), "variant": variant, "backbone_overrides": overrides, "weights": weights,
-            "images": str(args.images), "num_images": len(images), "images_available": available,
-            "image_size": image_size, "kinds": args.kinds,
+            "config": str(config_name),
+            "variant": variant,
+            "backbone_overrides": overrides,
+            "weights": weights,
+            "images": str(args.images),
+            "num_images": len(images),
+            "images_available": available,
+            "image_size": image_size,
+            "kinds": args.kinds,
             "tolerance": f"{args.rtol:g}" if args.rtol is not None else "max(m, n) · eps(float32)",
             "seconds": round(time.time() - start, 1),
-        },  # fmt: skip
+        },
         "features": FEATURES,
         "stages": stages,
         "blocks": blocks,

@@ -65,7 +65,9 @@ def stage_means(blocks: Sequence[Mapping]) -> list[dict]:
                 if not entries:
                     continue
                 rank = torch.tensor([v for e in entries for row in e["rank"] for v in row], dtype=torch.float64)
-                erank = torch.tensor([v for e in entries for row in e["effective_rank"] for v in row], dtype=torch.float64)
+                erank = torch.tensor(
+                    [v for e in entries for row in e["effective_rank"] for v in row], dtype=torch.float64
+                )
                 full = entries[0]["full_rank"]
                 kinds[kind][feature] = {"rank_fraction": rank.mean().item() / full, "rank_mean": rank.mean().item(),
                                         "effective_rank_mean": erank.mean().item(), "full_rank": full}  # fmt: skip
@@ -96,7 +98,13 @@ def markdown(data: Mapping) -> str:
     rows = []
     for stage in data["stages"]:
         for kind, features in stage["kinds"].items():
-            row = [stage["stage"] + 1, stage["attention"], _label(kind, stage["attention"]), stage["tokens"], stage["head_dim"]]
+            row = [
+                stage["stage"] + 1,
+                stage["attention"],
+                _label(kind, stage["attention"]),
+                stage["tokens"],
+                stage["head_dim"],
+            ]
             for feature in FEATURES:
                 f = features.get(feature)
                 row += [f["rank_fraction"], f["effective_rank_mean"]] if f else ["–", "–"]

@@ -89,7 +89,9 @@ def items(dataset) -> Iterator:
             dataset.set_position(epoch)
             yield from dataset
         else:
-            yield from (dataset[i] for i in torch.randperm(len(dataset), generator=torch.Generator().manual_seed(epoch)))
+            yield from (
+                dataset[i] for i in torch.randperm(len(dataset), generator=torch.Generator().manual_seed(epoch))
+            )
 
 
 def raw_reads(name: str, path: Path) -> Iterator[int]:

@@ -16,6 +16,7 @@ so an official state dict loads with ``strict=True``.
 Drop path (stochastic depth) is deliberately omitted: this is an eval-only baseline, and in
 eval mode drop path is the identity, so outputs are unaffected.
 """
+
 from __future__ import annotations
 
 import math
@@ -97,7 +98,7 @@ class Attention(nn.Module):
         self.kind = kind
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.qkvo = nn.Conv2d(dim, dim * 4, 1)
         self.lepe = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
         self.proj = nn.Conv2d(dim, dim, 1)

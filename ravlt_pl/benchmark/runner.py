@@ -37,6 +37,7 @@ come from ``--feed-img-s`` and, for classification, from this run's RAVLT-S trai
 
     python -m ravlt_pl benchmark --threads 2 --models ravlt_s ravlt_s_reference convnext_tiny
 """
+
 from __future__ import annotations
 
 import argparse
@@ -286,8 +287,14 @@ def benchmark_models(args, device, peak):
         r["ratio_vs_baseline"] = None if base is None else {k: t["img_s"] / b["img_s"] for k, (t, b) in cases.items()}
         # Paired: the median over rounds of the ratio within a round (neighbouring samples share the
         # machine's load); best: ratio of the fastest samples (load only ever slows a sample down).
-        r["ratio_vs_baseline_paired"] = None if base is None else {
-            k: statistics.median(bt / tt for bt, tt in zip(b["samples_ms"], t["samples_ms"])) for k, (t, b) in cases.items()}
+        r["ratio_vs_baseline_paired"] = (
+            None
+            if base is None
+            else {
+                k: statistics.median(bt / tt for bt, tt in zip(b["samples_ms"], t["samples_ms"]))
+                for k, (t, b) in cases.items()
+            }
+        )
         r["ratio_vs_baseline_best"] = None if base is None else {
             k: t["best_img_s"] / b["best_img_s"] for k, (t, b) in cases.items()}  # fmt: skip
     return results, skipped
@@ -295,7 +302,10 @@ def benchmark_models(args, device, peak):
 
 def benchmark_scaling(args, device):
     entries, impl = [], None
-    for layout, attention in [("published", ["linear", "linear", "softmax", "softmax"]), ("all-linear", ["linear"] * 4)]:
+    for layout, attention in [
+        ("published", ["linear", "linear", "softmax", "softmax"]),
+        ("all-linear", ["linear"] * 4),
+    ]:
         torch.manual_seed(0)
         model, impl = build_ravlt_t(attention)
         model = model.to(device).eval()
@@ -490,8 +500,9 @@ def benchmark_data_loading(args, model_results) -> dict:
             print(f"  data round {r + 1}/{args.data_rounds} done", flush=True)
         profiles = {name: top_functions(ds, fn, batch[name]) for name, (_, ds, fn, _) in pipes.items()}
     feed = dict(args.feed_img_s)
-    ravlt = next((r for r in model_results if r["model"] == "ravlt_s" and r["resolution"] == 224
-                  and "train" in r), None)
+    ravlt = next(
+        (r for r in model_results if r["model"] == "ravlt_s" and r["resolution"] == 224 and "train" in r), None
+    )
     if ravlt is not None and "imagenet" not in feed:
         feed["imagenet"] = ravlt["train"]["img_s"]
     out = {"workers_checked": args.data_workers, "feed_img_s": feed,
@@ -503,11 +514,16 @@ def benchmark_data_loading(args, model_results) -> dict:
         per_worker = statistics.median(samples[name]["img_s"])
         per_worker_cpu = statistics.median(samples[name]["cpu_img_s"])
         entry = {
-            "pipeline": what, "source_size": PIPELINES[name][0], "batch": batch[name],
-            "img_s_per_worker": per_worker, "img_s_per_worker_cpu": per_worker_cpu,
-            "samples_img_s": samples[name]["img_s"], "top_functions": profiles[name],
+            "pipeline": what,
+            "source_size": PIPELINES[name][0],
+            "batch": batch[name],
+            "img_s_per_worker": per_worker,
+            "img_s_per_worker_cpu": per_worker_cpu,
+            "samples_img_s": samples[name]["img_s"],
+            "top_functions": profiles[name],
             "workers_per_1000_img_s": 1000 / per_worker_cpu,
-            "items_loaded": ds.items, "transform_errors": dict(ds.errors),  # in this process (not the DataLoader's)
+            "items_loaded": ds.items,
+            "transform_errors": dict(ds.errors),  # in this process (not the DataLoader's)
             "loader_img_s": loader_rate(dm, ds, collate_fn, batch[name], args.data_workers, args.data_seconds),
         }
         if name in feed:
@@ -555,7 +571,9 @@ def print_table(results, args, peak):
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
     if any(r["ratio_vs_baseline"] for r in results):
         keys = [f"infer_bs{b}" for b in bss] + (["train"] if train else [])
-        print(f"\nratios x {args.baseline}, three estimators (median of medians | median of per-round ratios | best sample):")
+        print(
+            f"\nratios x {args.baseline}, three estimators (median of medians | median of per-round ratios | best sample):"
+        )
         for r in results:
             if r["ratio_vs_baseline"]:
                 cells = [f"{k} {r['ratio_vs_baseline'][k]:.2f} | {r['ratio_vs_baseline_paired'][k]:.2f} | "
@@ -589,44 +607,90 @@ def plot(results, args, path):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m ravlt_pl benchmark", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # each help shows its default
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where the models run (cuda when a GPU is visible)")
+    p = argparse.ArgumentParser(
+        prog="python -m ravlt_pl benchmark",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # each help shows its default
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the models run (cuda when a GPU is visible)",
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16 via autocast")
     p.add_argument("--channels-last", action="store_true", help="inputs and weights in channels_last memory format")
-    p.add_argument("--compile", nargs="*", default=None, metavar="MODEL",
-                   help="add '<name>+compile' rows (torch.compile): for the listed models, or all when none is listed")
-    p.add_argument("--freezing", action="store_true",
-                   help="with --compile: inductor freezing for inference (weights as constants, oneDNN "
-                        "prepacking and conv+pointwise fusion; the standard CPU inference setting), on "
-                        "a separate compiled copy so training rows stay correct")
+    p.add_argument(
+        "--compile",
+        nargs="*",
+        default=None,
+        metavar="MODEL",
+        help="add '<name>+compile' rows (torch.compile): for the listed models, or all when none is listed",
+    )
+    p.add_argument(
+        "--freezing",
+        action="store_true",
+        help="with --compile: inductor freezing for inference (weights as constants, oneDNN "
+        "prepacking and conv+pointwise fusion; the standard CPU inference setting), on "
+        "a separate compiled copy so training rows stay correct",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; None keeps torch's choice")
-    p.add_argument("--malloc", choices=["default", "tuned"], default="default",
-                   help="tuned: glibc keeps freed memory for reuse (see tune_glibc_malloc); all models alike")
+    p.add_argument(
+        "--malloc",
+        choices=["default", "tuned"],
+        default="default",
+        help="tuned: glibc keeps freed memory for reuse (see tune_glibc_malloc); all models alike",
+    )
     p.add_argument("--resolutions", type=int, nargs="+", default=[224], metavar="SIDE", help="square input sides (px)")
-    p.add_argument("--models", nargs="*", default=DEFAULT_MODELS, metavar="MODEL",
-                   help="models to time: ours (ravlt_t/s/b/l, *_reference) or timm names; none listed: no timing rows")
+    p.add_argument(
+        "--models",
+        nargs="*",
+        default=DEFAULT_MODELS,
+        metavar="MODEL",
+        help="models to time: ours (ravlt_t/s/b/l, *_reference) or timm names; none listed: no timing rows",
+    )
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1], metavar="N", help="inference batch sizes")
-    p.add_argument("--train-batch-size", type=int, default=8,
-                   help="training-step batch; 0: no training rows (an inference-only process: the allocator never "
-                        "sees a training step)")
+    p.add_argument(
+        "--train-batch-size",
+        type=int,
+        default=8,
+        help="training-step batch; 0: no training rows (an inference-only process: the allocator never "
+        "sees a training step)",
+    )
     p.add_argument("--rounds", type=int, default=5, help="timing rounds over all models (the median is reported)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up calls per model and case before timing")
-    p.add_argument("--min-sample-time", type=float, default=0.2,
-                   help="seconds per timing sample (iterations per sample calibrated during warm-up)")
+    p.add_argument(
+        "--min-sample-time",
+        type=float,
+        default=0.2,
+        help="seconds per timing sample (iterations per sample calibrated during warm-up)",
+    )
     p.add_argument("--baseline", default="ravlt_s_reference", metavar="MODEL", help="the model ratios are taken to")
-    p.add_argument("--out", type=Path, default=Path("reports/benchmark"), metavar="DIR",
-                   help="folder of the JSON, Markdown and PNG results")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("reports/benchmark"),
+        metavar="DIR",
+        help="folder of the JSON, Markdown and PNG results",
+    )
     p.add_argument("--profile", action="store_true", help="torch.profiler top-25 operators for RAVLT-S")
     p.add_argument("--scaling", action="store_true", help="RAVLT-T at 224/448/896², published vs all-linear")
-    p.add_argument("--data-loading", action="store_true",
-                   help="images/s per worker of the ImageNet/COCO/ADE20K training pipelines (synthetic sets)")
+    p.add_argument(
+        "--data-loading",
+        action="store_true",
+        help="images/s per worker of the ImageNet/COCO/ADE20K training pipelines (synthetic sets)",
+    )
     p.add_argument("--data-seconds", type=float, default=3.0, help="seconds per pipeline per data round")
     p.add_argument("--data-rounds", type=int, default=3, help="rounds of the data-loading benchmark")
     p.add_argument("--data-workers", type=int, default=2, help="DataLoader workers for the scaling check")
-    p.add_argument("--feed-img-s", nargs="*", default=[], metavar="PIPELINE=IMG_S", type=_feed,
-                   help="training images/s to feed, e.g. imagenet=1200 coco=25 ade20k=60 (a GPU's rates)")
+    p.add_argument(
+        "--feed-img-s",
+        nargs="*",
+        default=[],
+        metavar="PIPELINE=IMG_S",
+        type=_feed,
+        help="training images/s to feed, e.g. imagenet=1200 coco=25 ade20k=60 (a GPU's rates)",
+    )
     return p.parse_args(argv)
 
 
@@ -703,7 +767,9 @@ def main(argv=None):
         print("\nscaling (RAVLT-T, batch 1):")
         report["scaling"] = benchmark_scaling(args, device)
         for s in report["scaling"]["results"]:
-            print(f"  {s['model']:22s} {s['resolution']:4d}²  {s['img_s']:8.2f} img/s  {s['ms_per_megapixel']:8.1f} ms/MP")
+            print(
+                f"  {s['model']:22s} {s['resolution']:4d}²  {s['img_s']:8.2f} img/s  {s['ms_per_megapixel']:8.1f} ms/MP"
+            )
     if args.profile:
         report["profile"] = profile_ravlt_s(args, device, args.out)
     if args.data_loading:

@@ -90,8 +90,11 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16 via autocast")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--grad-checkpointing", action="store_true", help="model.set_grad_checkpointing(True)")
-    p.add_argument("--no-selective-recompute", action="store_true",
-                   help="RAVLT: model.set_selective_recompute(False) (autograd keeps every activation)")
+    p.add_argument(
+        "--no-selective-recompute",
+        action="store_true",
+        help="RAVLT: model.set_selective_recompute(False) (autograd keeps every activation)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

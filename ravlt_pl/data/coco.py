@@ -36,8 +36,10 @@ def read_image(path: Path, expected_hw: tuple[int, int], record: str) -> np.ndar
     image = np.array(read_rgb(path))  # writable: torch refuses to wrap a read-only array
     if image.shape[:2] != tuple(expected_hw):
         turned = displayed_size(path) == (expected_hw[1], expected_hw[0])
-        why = ("; that is its size as displayed (its EXIF orientation turns it by 90°): annotations must refer to "
-               "the stored pixels, so export them from the unturned image or save it turned, without the tag")
+        why = (
+            "; that is its size as displayed (its EXIF orientation turns it by 90°): annotations must refer to "
+            "the stored pixels, so export them from the unturned image or save it turned, without the tag"
+        )
         raise DatasetError(f"{path}: image is {image.shape[1]}×{image.shape[0]} px but {record} says "
                            f"{expected_hw[1]}×{expected_hw[0]}{why if turned else ''}")  # fmt: skip
     return image
@@ -250,12 +252,16 @@ class COCODataModule(BaseDataModule):
             files = self.files()["train"]
             data = load_json(files.annotations)
             declared = data.get("categories")
-            if not isinstance(declared, list) or not all(isinstance(c, dict) and "id" in c and "name" in c for c in declared):
+            if not isinstance(declared, list) or not all(
+                isinstance(c, dict) and "id" in c and "name" in c for c in declared
+            ):
                 raise DatasetError(f"{files.annotations}: no 'categories' list of {{'id', 'name'}} records")
             used = {a.get("category_id") for a in data.get("annotations") or [] if isinstance(a, dict)}
             supers = {c.get("supercategory") for c in declared}
             if self.layout == "roboflow":
-                placeholder = [c["id"] for c in declared if c["id"] == 0 and c["id"] not in used and c["name"] in supers]
+                placeholder = [
+                    c["id"] for c in declared if c["id"] == 0 and c["id"] not in used and c["name"] in supers
+                ]
                 self._placeholders = set(placeholder)
                 declared = [c for c in declared if c["id"] not in self._placeholders]
             unused = sorted(c["name"] for c in declared if c["id"] not in used)

@@ -44,8 +44,10 @@ class CocoSplit:
 
 def box_only_hint(where: str) -> str:
     """The refusal of box-only records by a mask detector, pointing at the box-only recipe."""
-    return (f"{where} has no polygon or RLE segmentation (a box-only export?); a mask detector needs masks: train "
-            "the box-only Faster R-CNN instead (configs/finetune/faster_rcnn.yaml)")
+    return (
+        f"{where} has no polygon or RLE segmentation (a box-only export?); a mask detector needs masks: train "
+        "the box-only Faster R-CNN instead (configs/finetune/faster_rcnn.yaml)"
+    )
 
 
 def read_split(ann_file: Path, image_dir: Path, train: bool, with_masks: bool, by_name: bool = False) -> CocoSplit:
@@ -78,7 +80,9 @@ def read_split(ann_file: Path, image_dir: Path, train: bool, with_masks: bool, b
     images: dict[int, int] = {}
     for i, img in enumerate(data["images"]):
         file_name = img["file_name"]
-        if not isinstance(file_name, str) or (not by_name and (Path(file_name).is_absolute() or ".." in Path(file_name).parts)):
+        if not isinstance(file_name, str) or (
+            not by_name and (Path(file_name).is_absolute() or ".." in Path(file_name).parts)
+        ):
             raise DatasetError(f"{name}: images[{i}] (id {img['id']}) has file_name {file_name!r}; it must be a "
                                f"relative path inside {image_dir} (not absolute, no '..')")  # fmt: skip
         if img["id"] in images:
@@ -116,7 +120,11 @@ def read_split(ann_file: Path, image_dir: Path, train: bool, with_masks: bool, b
                     "skipped %d of %d images without usable annotations",
                     ann_file, degenerate, len(images) - len(image_ids), len(images))  # fmt: skip
     records = [data["images"][images[i]] for i in image_ids]
-    paths = _find_by_name(image_dir, records, images, name) if by_name else _check_image_files(image_dir, records, images, name)
+    paths = (
+        _find_by_name(image_dir, records, images, name)
+        if by_name
+        else _check_image_files(image_dir, records, images, name)
+    )
     used = {ann["category_id"] for ann in data["annotations"]}
     coco = COCO()
     coco.dataset = data
@@ -187,7 +195,9 @@ def check_segmentation(segmentation: Any, image: dict, where: str) -> None:
     height, width = image["height"], image["width"]
     if isinstance(segmentation, list):
         if not segmentation:
-            raise DatasetError(f"{where} has an empty segmentation list; expected polygons [[x1, y1, x2, y2, ...], ...]")
+            raise DatasetError(
+                f"{where} has an empty segmentation list; expected polygons [[x1, y1, x2, y2, ...], ...]"
+            )
         for k, polygon in enumerate(segmentation):
             numbers = isinstance(polygon, list) and all(isinstance(v, (int, float)) for v in polygon)
             if not numbers or len(polygon) < 6 or len(polygon) % 2:
@@ -231,5 +241,3 @@ def rle_string_runs(counts: str) -> list[int] | None:
         runs.append(value + (runs[-2] if len(runs) > 2 else 0))
         value = shift = 0
     return runs if shift == 0 else None
-
-

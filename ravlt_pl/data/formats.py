@@ -87,8 +87,11 @@ def setup_stream(dm: ImageNetDataModule, data_format: str, stage: str) -> None:
                                            batch_size=dm.loader_batch_size("train"),
                                            shuffle_buffer=dm.shuffle_buffer, **common)  # fmt: skip
     dm.datasets["val"] = dm.datasets["test"] = ShardStream(
-        layout.shards["validation"], transform=dm.transform(False), train=False,
-        batch_size=dm.loader_batch_size("val"), **common,
+        layout.shards["validation"],
+        transform=dm.transform(False),
+        train=False,
+        batch_size=dm.loader_batch_size("val"),
+        **common,
     )
 
 

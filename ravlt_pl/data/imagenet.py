@@ -130,7 +130,9 @@ class ImageNetDataModule(BaseDataModule):
 
         names = open_layout(self.root, data_format, ()).class_names
         if not names:
-            raise DatasetError(f"{self.root}: the {data_format} data stores no class names; set --data.init_args.num_classes")
+            raise DatasetError(
+                f"{self.root}: the {data_format} data stores no class names; set --data.init_args.num_classes"
+            )
         return len(names)
 
     # -- validation of the tree -------------------------------------------------------------------
@@ -139,7 +141,11 @@ class ImageNetDataModule(BaseDataModule):
             self.check_root()
         folder = self.root / split
         if not folder.is_dir():
-            hint = " Without val/, --data.init_args.val_fraction 0.1 holds out a tenth of train/." if split == "val" else ""
+            hint = (
+                " Without val/, --data.init_args.val_fraction 0.1 holds out a tenth of train/."
+                if split == "val"
+                else ""
+            )
             raise DatasetError(f"{folder}: split folder missing. {self.layout_hint}{hint}")
         classes = class_folders(folder)
         if not classes:
@@ -194,8 +200,9 @@ class ImageNetDataModule(BaseDataModule):
             return setup_stream(self, self.data_format(), stage)
         if stage == "predict":
             folder = self.predict_dir or self.root / "val"
-            self.datasets["predict"] = PredictFolder(folder, self.transform(train=False), recursive=True,
-                                                    exif_transpose=True)
+            self.datasets["predict"] = PredictFolder(
+                folder, self.transform(train=False), recursive=True, exif_transpose=True
+            )
             # Class names for the predictions when the tree is at hand, else the label numbers.
             has_tree = (self.root / "train").is_dir()
             names = self._classes("train") if has_tree else [str(i) for i in range(self.num_classes)]

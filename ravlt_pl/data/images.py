@@ -83,7 +83,9 @@ class PredictFolder(Dataset):
                  exif_transpose: bool = False) -> None:  # fmt: skip
         self.folder = Path(folder)
         if not self.folder.is_dir():
-            raise DatasetError(f"{self.folder}: folder of images to predict not found; set --data.init_args.predict_dir")
+            raise DatasetError(
+                f"{self.folder}: folder of images to predict not found; set --data.init_args.predict_dir"
+            )
         self.files = list(files) if files is not None else list_images(self.folder, recursive)
         if not self.files:
             raise DatasetError(f"{self.folder}: no images ({', '.join(IMAGE_SUFFIXES)}) to predict")

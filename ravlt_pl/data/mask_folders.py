@@ -32,7 +32,9 @@ def read_classes(spec: list[str] | str) -> list[str]:
         return [str(name) for name in spec]
     path = Path(spec)
     if not path.is_file():
-        raise DatasetError(f"{path}: classes file not found (data.init_args.classes: a list of names or a file of them)")
+        raise DatasetError(
+            f"{path}: classes file not found (data.init_args.classes: a list of names or a file of them)"
+        )
     text = path.read_text()
     if path.suffix in (".yaml", ".yml", ".json"):
         try:
@@ -82,7 +84,9 @@ class MaskFolderDataModule(ADE20KDataModule):
             (``scale``, ``crop_size``, ``ratio_range``, ``cat_max_ratio``, ``eval_batch_size``, ...).
     """
 
-    layout_hint = "Expected images/{train,val}/NAME.jpg and masks/{train,val}/NAME.png (or set data.init_args.*_images/*_masks)."
+    layout_hint = (
+        "Expected images/{train,val}/NAME.jpg and masks/{train,val}/NAME.png (or set data.init_args.*_images/*_masks)."
+    )
 
     def __init__(
         self,
@@ -114,7 +118,9 @@ class MaskFolderDataModule(ADE20KDataModule):
             self.check_root()
             values = label_values([label for _, label in self._pairs("train", root)], ignore_value)
             if not values:
-                raise DatasetError(f"{root / train_masks}: the masks hold no label values besides ignore {ignore_value}")
+                raise DatasetError(
+                    f"{root / train_masks}: the masks hold no label values besides ignore {ignore_value}"
+                )
             names = [f"class {i}" for i in range(values[-1] + 1)]
             source = str(root / train_masks)
             log.info("%s: label values %s: %d classes", source, values, len(names))

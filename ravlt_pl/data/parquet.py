@@ -112,8 +112,11 @@ def write_parquet(source: Path, out: Path, rows_per_file: int = 4400, seed: int 
                     "image": [{"bytes": file.read_bytes(), "path": file.name} for _, file, _ in part],
                     "label": [label for _, _, label in part],
                 }, schema=schema)  # fmt: skip
-                pq.write_table(table, staging / "data" / f"{split}-{n:05d}-of-{len(parts):05d}.parquet",
-                               row_group_size=ROWS_PER_GROUP)
+                pq.write_table(
+                    table,
+                    staging / "data" / f"{split}-{n:05d}-of-{len(parts):05d}.parquet",
+                    row_group_size=ROWS_PER_GROUP,
+                )
     return out
 
 

@@ -53,7 +53,7 @@ def read_info(root: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DatasetError(f"{path}: not readable JSON ({err})") from None
     if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
-        raise DatasetError(f"{path}: no \"splits\" object (timm's _info.json layout)")
+        raise DatasetError(f'{path}: no "splits" object (timm\'s _info.json layout)')
     return info
 
 
@@ -65,9 +65,15 @@ def split_shards(root: Path, info: dict, split: str) -> list[Shard]:
     if entry is None:
         raise DatasetError(f"{path}: no split {split!r} (has {sorted(info['splits'])})")
     try:
-        files, lengths, total = list(entry["filenames"]), [int(n) for n in entry["shard_lengths"]], int(entry["num_samples"])
+        files, lengths, total = (
+            list(entry["filenames"]),
+            [int(n) for n in entry["shard_lengths"]],
+            int(entry["num_samples"]),
+        )
     except (KeyError, TypeError, ValueError) as err:
-        raise DatasetError(f"{path}: split {split!r} needs filenames, shard_lengths and num_samples ({err!r})") from None
+        raise DatasetError(
+            f"{path}: split {split!r} needs filenames, shard_lengths and num_samples ({err!r})"
+        ) from None
     if len(files) != len(lengths) or sum(lengths) != total or not files:
         raise DatasetError(f"{path}: split {split!r}: {len(files)} filenames, {len(lengths)} shard_lengths summing "
                            f"to {sum(lengths)}, num_samples {total}; they must agree")  # fmt: skip
@@ -161,8 +167,9 @@ def folder_split(source: Path, split: str, seed: int, shuffle: bool) -> tuple[li
     return folder.classes, items
 
 
-def write_shards(source: Path, out: Path, prefix: str = "imagenet1k", shard_size: int = 1250, seed: int = 0,
-                 overwrite: bool = False) -> Path:
+def write_shards(
+    source: Path, out: Path, prefix: str = "imagenet1k", shard_size: int = 1250, seed: int = 0, overwrite: bool = False
+) -> Path:
     """An ImageFolder ``source`` as WebDataset shards + ``_info.json`` under ``out`` (replaced in one rename)."""
     try:
         import webdataset as wds
@@ -187,12 +194,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--source", type=Path, help="ImageFolder root with train/ and val/")
     parser.add_argument("--out", type=Path, help="folder to write (must be absent or empty, or --overwrite)")
     parser.add_argument("--format", choices=["wds", "parquet"], default="wds")
-    parser.add_argument("--shard-size", type=int, default=None,
-                        help="samples per tar shard (default 1250) or parquet file (default 4400)")
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        help="samples per tar shard (default 1250) or parquet file (default 4400)",
+    )
     parser.add_argument("--prefix", default="imagenet1k", help="shard name prefix (wds)")
     parser.add_argument("--seed", type=int, default=0, help="order of the training samples")
     parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--index", type=Path, metavar="DIR", help="only (re)write DIR/_info.json by counting its shards")
+    parser.add_argument(
+        "--index", type=Path, metavar="DIR", help="only (re)write DIR/_info.json by counting its shards"
+    )
     args = parser.parse_args(argv)
     try:
         if args.index is not None:
@@ -211,7 +224,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             counts = parquet_counts(args.out)
     except (DatasetError, FileExistsError) as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"wrote {args.out} ({args.format}): " + ", ".join(f"{s} {n} samples in {k} files" for s, (n, k) in counts.items()))
+    print(
+        f"wrote {args.out} ({args.format}): "
+        + ", ".join(f"{s} {n} samples in {k} files" for s, (n, k) in counts.items())
+    )
 
 
 if __name__ == "__main__":

@@ -118,16 +118,29 @@ class ShardStream(IterableDataset):
         shuffle_buffer: samples each training worker holds to shuffle (memory: that many encoded images).
     """
 
-    def __init__(self, shards: list[Shard], read: ShardReader, transform: Callable, num_classes: int, train: bool,
-                 batch_size: int, world: int = 1, rank: int = 0, seed: int = 0, shuffle_buffer: int = 2048) -> None:
+    def __init__(
+        self,
+        shards: list[Shard],
+        read: ShardReader,
+        transform: Callable,
+        num_classes: int,
+        train: bool,
+        batch_size: int,
+        world: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 2048,
+    ) -> None:
         self.shards, self.read, self.transform, self.num_classes = shards, read, transform, num_classes
         self.train, self.batch_size, self.world, self.rank = train, batch_size, world, rank
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.total = sum(s.length for s in shards)
         self.start, self.stop = rank_range(self.total, world, rank, batch_size, train)
         if train and self.stop == 0:
-            raise DatasetError(f"{shards[0].path.parent}: {self.total} training samples make no batch of "
-                               f"{batch_size} on each of {world} processes; lower the batch size")
+            raise DatasetError(
+                f"{shards[0].path.parent}: {self.total} training samples make no batch of "
+                f"{batch_size} on each of {world} processes; lower the batch size"
+            )
         #: yield ``(image, label, key)``: which samples a process read (for checks).
         self.keys = False
         # Shared with the workers (persistent ones too): set in the main process before each epoch.
@@ -183,8 +196,13 @@ class StreamLoader(ResumableLoader):
     batches) before it restores a checkpoint's loop state, and workers read the position as they start.
     """
 
-    def __init__(self, dataset: ShardStream, epoch: Callable[[], int], resume: Callable[[], tuple[int, int] | None],
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        dataset: ShardStream,
+        epoch: Callable[[], int],
+        resume: Callable[[], tuple[int, int] | None],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(dataset, **kwargs)
         self.epoch, self.resume = epoch, resume
         self._resumed_at: tuple[int, int] | None = None

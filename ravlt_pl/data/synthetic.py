@@ -10,6 +10,7 @@ to a temporary sibling directory and renamed into place when finished.
 
 CLI: ``python -m ravlt_pl.data.synthetic --task detection --out data/synth_coco``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,9 @@ def _unit_polygon(label: int, n_circle: int = 32) -> np.ndarray:
     name = SHAPES[label]
     if name == "cross":
         a, b = 1.0, 0.32
-        return np.array([(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b),
-                         (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b)])
+        return np.array(
+            [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b)]
+        )
     n = {"circle": n_circle, "square": 4, "triangle": 3, "star": 10}[name]
     radius = np.where(np.arange(n) % 2 == 1, 0.42, 1.0) if name == "star" else np.ones(n)
     angle = np.linspace(0.0, 2 * np.pi, n, endpoint=False) + (np.pi / 4 if name == "square" else -np.pi / 2)
@@ -66,8 +68,9 @@ def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     return c0 + (c1 - c0) * t[..., None]
 
 
-def _place(rng: np.random.Generator, labels: Sequence[int], w: int, h: int,
-           radius_frac: tuple[float, float]) -> list[tuple[int, np.ndarray]]:
+def _place(
+    rng: np.random.Generator, labels: Sequence[int], w: int, h: int, radius_frac: tuple[float, float]
+) -> list[tuple[int, np.ndarray]]:
     """Random non-overlapping polygons (label, vertices in pixel units) inside the image."""
     placed: list[tuple[int, np.ndarray, np.ndarray, float]] = []
     for label in labels:
@@ -95,8 +98,9 @@ def _coverage(verts: np.ndarray, w: int, h: int) -> np.ndarray:
     return np.asarray(canvas, dtype=np.float32).reshape(h, s, w, s).mean(axis=(1, 3)) / 255.0
 
 
-def _scene(rng: np.random.Generator, labels: Sequence[int], size: Size,
-           radius_frac: tuple[float, float]) -> tuple[Image.Image, list[tuple[int, np.ndarray, np.ndarray]]]:
+def _scene(
+    rng: np.random.Generator, labels: Sequence[int], size: Size, radius_frac: tuple[float, float]
+) -> tuple[Image.Image, list[tuple[int, np.ndarray, np.ndarray]]]:
     """Draw one scene; returns the RGB image and (label, polygon, bool mask) per object."""
     w, h = _wh(size)
     img = _background(rng, w, h)
@@ -129,8 +133,7 @@ def _staging(out: str | Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temp dir next to ``out``; on success it replaces ``out`` in one rename."""
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; "
-                              "pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -146,8 +149,15 @@ def _staging(out: str | Path, overwrite: bool) -> Iterator[Path]:
         raise
 
 
-def make_classification(out: str | Path, *, train_per_class: int = 200, val_per_class: int = 50,
-                        image_size: Size = 64, seed: int = 0, overwrite: bool = False) -> Path:
+def make_classification(
+    out: str | Path,
+    *,
+    train_per_class: int = 200,
+    val_per_class: int = 50,
+    image_size: Size = 64,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
     """ImageNet-style ImageFolder tree: ``out/{train,val}/<shape>/<shape>_<i>.JPEG``, one shape per image."""
     with _staging(out, overwrite) as root:
         for split, per_class in (("train", train_per_class), ("val", val_per_class)):
@@ -160,17 +170,25 @@ def make_classification(out: str | Path, *, train_per_class: int = 200, val_per_
     return Path(out)
 
 
-def make_detection(out: str | Path, *, num_train: int = 200, num_val: int = 50,
-                   image_size: Size = (160, 128), max_objects: int = 4, seed: int = 0,
-                   empty_frac: float = 0.05, crowd_frac: float = 0.05, overwrite: bool = False) -> Path:
+def make_detection(
+    out: str | Path,
+    *,
+    num_train: int = 200,
+    num_val: int = 50,
+    image_size: Size = (160, 128),
+    max_objects: int = 4,
+    seed: int = 0,
+    empty_frac: float = 0.05,
+    crowd_frac: float = 0.05,
+    overwrite: bool = False,
+) -> Path:
     """COCO-2017 layout: ``annotations/instances_{train,val}2017.json`` + ``{train,val}2017/*.jpg``.
 
     Objects are polygon-annotated; about ``crowd_frac`` of them (at least one per split) are
     ``iscrowd=1`` with RLE segmentation, and about ``empty_frac`` of the images (at least one
     per split when it has two or more images) have no objects.
     """
-    categories = [{"id": cid, "name": name, "supercategory": "shape"}
-                  for cid, name in zip(COCO_CATEGORY_IDS, SHAPES)]
+    categories = [{"id": cid, "name": name, "supercategory": "shape"} for cid, name in zip(COCO_CATEGORY_IDS, SHAPES)]
     ann_id = 1
     with _staging(out, overwrite) as root:
         (root / "annotations").mkdir()
@@ -187,49 +205,76 @@ def make_detection(out: str | Path, *, num_train: int = 200, num_val: int = 50,
                 image_id = IMAGE_ID_START + IMAGE_ID_STEP * (first + i)
                 file_name = f"{image_id:012d}.jpg"
                 img.save(root / f"{split}2017" / file_name, quality=90)
-                images.append({"id": image_id, "file_name": file_name, "width": img.width,
-                               "height": img.height, "license": 1})
+                images.append(
+                    {"id": image_id, "file_name": file_name, "width": img.width, "height": img.height, "license": 1}
+                )
                 for label, verts, mask in objects:
                     ys, xs = np.nonzero(mask)
-                    anns.append({
-                        "id": ann_id, "image_id": image_id, "category_id": COCO_CATEGORY_IDS[label],
-                        "bbox": [float(xs.min()), float(ys.min()),
-                                 float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)],
-                        "area": float(mask.sum()), "iscrowd": 0,
-                        "segmentation": [np.round(verts, 2).ravel().tolist()],
-                    })
+                    anns.append(
+                        {
+                            "id": ann_id,
+                            "image_id": image_id,
+                            "category_id": COCO_CATEGORY_IDS[label],
+                            "bbox": [
+                                float(xs.min()),
+                                float(ys.min()),
+                                float(xs.max() - xs.min() + 1),
+                                float(ys.max() - ys.min() + 1),
+                            ],
+                            "area": float(mask.sum()),
+                            "iscrowd": 0,
+                            "segmentation": [np.round(verts, 2).ravel().tolist()],
+                        }
+                    )
                     masks.append(mask)
                     ann_id += 1
             n_crowd = min(len(anns), max(1, round(crowd_frac * len(anns))))
             for k in split_rng.choice(len(anns), size=n_crowd, replace=False).tolist():
                 rle = mask_utils.encode(np.asfortranarray(masks[k], dtype=np.uint8))
-                anns[k].update(iscrowd=1, segmentation={"counts": rle["counts"].decode("ascii"),
-                                                        "size": [int(v) for v in rle["size"]]})
+                anns[k].update(
+                    iscrowd=1,
+                    segmentation={"counts": rle["counts"].decode("ascii"), "size": [int(v) for v in rle["size"]]},
+                )
             coco = {
-                "info": {"description": "ravlt_pl synthetic shapes", "version": "1.0", "year": 2017,
-                         "contributor": "ravlt_pl", "url": "", "date_created": "2017/01/01"},
-                "licenses": [{"id": 1, "name": "CC0 1.0",
-                              "url": "https://creativecommons.org/publicdomain/zero/1.0/"}],
-                "images": images, "annotations": anns, "categories": categories,
+                "info": {
+                    "description": "ravlt_pl synthetic shapes",
+                    "version": "1.0",
+                    "year": 2017,
+                    "contributor": "ravlt_pl",
+                    "url": "",
+                    "date_created": "2017/01/01",
+                },
+                "licenses": [{"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}],
+                "images": images,
+                "annotations": anns,
+                "categories": categories,
             }
             (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(coco))
     return Path(out)
 
 
-def make_segmentation(out: str | Path, *, num_train: int = 200, num_val: int = 50,
-                      image_size: Size = (160, 128), max_objects: int = 4, seed: int = 0,
-                      overwrite: bool = False) -> Path:
+def make_segmentation(
+    out: str | Path,
+    *,
+    num_train: int = 200,
+    num_val: int = 50,
+    image_size: Size = (160, 128),
+    max_objects: int = 4,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
     """ADE20K layout under ``out/ADEChallengeData2016``; labels: 0 = background, shape k -> k + 1."""
     with _staging(out, overwrite) as root:
         ade = root / "ADEChallengeData2016"
-        for split, folder, prefix, n in (("train", "training", "ADE_train", num_train),
-                                         ("val", "validation", "ADE_val", num_val)):
+        for split, folder, prefix, n in (
+            ("train", "training", "ADE_train", num_train),
+            ("val", "validation", "ADE_val", num_val),
+        ):
             (ade / "images" / folder).mkdir(parents=True)
             (ade / "annotations" / folder).mkdir(parents=True)
             for i in range(n):
                 rng = _rng(seed, "segmentation", split, i)
-                img, objects = _scene(rng, _scene_labels(rng, max_objects), image_size,
-                                      radius_frac=(0.08, 0.25))
+                img, objects = _scene(rng, _scene_labels(rng, max_objects), image_size, radius_frac=(0.08, 0.25))
                 label_map = np.zeros((img.height, img.width), dtype=np.uint8)
                 for label, _, mask in objects:
                     label_map[mask] = label + 1
@@ -272,8 +317,11 @@ def make_detection_export(out: str | Path, tool: str, *, box_only: bool = False,
                 os.replace(coco / f"{split}2017", root / folder)
                 (root / folder / "_annotations.coco.json").write_text(json.dumps(data))
         else:
-            merged = dict(splits["train"], images=splits["train"]["images"] + splits["val"]["images"],
-                          annotations=splits["train"]["annotations"] + splits["val"]["annotations"])
+            merged = dict(
+                splits["train"],
+                images=splits["train"]["images"] + splits["val"]["images"],
+                annotations=splits["train"]["annotations"] + splits["val"]["annotations"],
+            )
             images = root / "images" / ("default" if tool == "cvat" else "")
             images.mkdir(parents=True)
             for split in ("train", "val"):
@@ -345,8 +393,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if file.suffix.lower() in (".jpg", ".jpeg"):  # split dirs: train*/val* (ADE: training/validation)
             is_train = any(part.startswith("train") for part in file.relative_to(path).parts)
             counts["train" if is_train else "val"] += 1
-    print(f"wrote synthetic {args.task} dataset to {path}: "
-          f"{counts['train']} train / {counts['val']} val images")
+    print(f"wrote synthetic {args.task} dataset to {path}: {counts['train']} train / {counts['val']} val images")
 
 
 if __name__ == "__main__":

@@ -184,7 +184,9 @@ class RankAugmentedLinearAttention(_GatedAttention):
         with autocast_off(x):
             q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
             if self.reweight_keys:
-                a = torch.softmax(self.scale * q.mean(dim=2, keepdim=True) @ k.transpose(-1, -2), dim=-1)  # (B, n, 1, N)
+                a = torch.softmax(
+                    self.scale * q.mean(dim=2, keepdim=True) @ k.transpose(-1, -2), dim=-1
+                )  # (B, n, 1, N)
                 k = k * a.transpose(-1, -2) * n_tokens
             z = 1.0 / (q @ k.mean(dim=2, keepdim=True).transpose(-1, -2) + 1e-6)  # (B, n, N, 1)
             sin, cos = sin.float(), cos.float()

@@ -181,11 +181,15 @@ def load_official(
     if unmatched:
         unused = next((k for k in state if k not in to_load), None)
         hint = f" (first unused checkpoint key: {unused})" if unused else " (absent from the file)"
-        what = (f"{source}: {len(required) - len(unmatched)} of {len(required)} backbone tensors load; "
-                f"first unmatched: {unmatched[0]}{hint}")
+        what = (
+            f"{source}: {len(required) - len(unmatched)} of {len(required)} backbone tensors load; "
+            f"first unmatched: {unmatched[0]}{hint}"
+        )
         if strict:
-            raise CheckpointError(f"{what}; is it a RAVLT backbone of this variant? (to load only what matches: "
-                                  "--model.init_args.pretrained_strict false)")
+            raise CheckpointError(
+                f"{what}; is it a RAVLT backbone of this variant? (to load only what matches: "
+                "--model.init_args.pretrained_strict false)"
+            )
         log.warning("%s; %d stay at init: %s", what, len(unmatched), _preview(unmatched, 10))
     model.load_state_dict(to_load, strict=False)
     return report

@@ -164,7 +164,12 @@ def rotate(x: torch.Tensor, forms: RotationForms, plus_one: bool = False) -> tor
     if x.dim() == 4:  # (B, N, heads, d)
         forms = RotationForms(*(None if f is None else f[:, None] for f in forms))
     table, ones, cos, signed = forms
-    if table is not None and x.stride(-1) == 1 and x.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in x.stride()[:-1]):
+    if (
+        table is not None
+        and x.stride(-1) == 1
+        and x.storage_offset() % 2 == 0
+        and all(s % 2 == 0 for s in x.stride()[:-1])
+    ):
         xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
         rotated = torch.addcmul(ones, xc, table) if plus_one else xc * table  # rot(x + 1) = rot(x) + rot(1)
         return torch.view_as_real(rotated).flatten(-2)
@@ -338,7 +343,9 @@ def softmax_attention(attn: nn.Module, x: torch.Tensor, sin: torch.Tensor, cos: 
     with autocast_off(x):
         qk, o = qk.float(), o.float()
         forms = _forms(sin, cos, forms)
-        q, k = (rotate(t.unflatten(-1, heads), forms).transpose(1, 2).to(dtype) for t in qk.chunk(2, dim=-1))  # (B, heads, N, d)
+        q, k = (
+            rotate(t.unflatten(-1, heads), forms).transpose(1, 2).to(dtype) for t in qk.chunk(2, dim=-1)
+        )  # (B, heads, N, d)
         v = v.to(dtype).unflatten(-1, heads).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).float()  # (B, heads, N, d)
         if attn.probe is not None:

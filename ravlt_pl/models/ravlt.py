@@ -124,7 +124,9 @@ class Downsample(nn.Module):
 class Stage(nn.Module):
     """Blocks at one resolution sharing one rotary table; the downsample (if any) follows."""
 
-    def __init__(self, dim: int, out_dim: int | None, depth: int, num_heads: int, drop_paths: Sequence[float], **block_kwargs):
+    def __init__(
+        self, dim: int, out_dim: int | None, depth: int, num_heads: int, drop_paths: Sequence[float], **block_kwargs
+    ):
         super().__init__()
         self.rope = RotaryTable(dim // num_heads)
         self.blocks = nn.ModuleList(Block(dim, num_heads, drop_path=dp, **block_kwargs) for dp in drop_paths[:depth])
@@ -262,7 +264,8 @@ class RAVLT(nn.Module):
             else:
                 self.extra_norms = nn.ModuleDict({str(i): LayerNorm2d(embed_dims[i]) for i in self.out_indices})
                 self.feature_info = FeatureInfo(
-                    [dict(info, module=f"extra_norms.{i}") for i, info in enumerate(self.feature_info)], self.out_indices
+                    [dict(info, module=f"extra_norms.{i}") for i, info in enumerate(self.feature_info)],
+                    self.out_indices,
                 )
             self.apply(_init_weights)
         for m in self.modules():  # weights only: (1, C, 1, 1) gammas keep the strides of their gradients
@@ -293,7 +296,9 @@ class RAVLT(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(
             stem=r"^patch_embed",
-            blocks=r"^layers\.(\d+)" if coarse else [(r"^layers\.(\d+)\.blocks\.(\d+)", None), (r"^layers\.(\d+)\.downsample", (0,))],
+            blocks=r"^layers\.(\d+)"
+            if coarse
+            else [(r"^layers\.(\d+)\.blocks\.(\d+)", None), (r"^layers\.(\d+)\.downsample", (0,))],
         )
 
     @torch.jit.ignore
@@ -405,7 +410,6 @@ class RAVLT(nn.Module):
             self.head_hidden_size = self.num_features
             self.reset_classifier(0, "")
         return take
-
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(self.act(self.norm(self.proj(x))))  # (B, projection, 1, 1), or unpooled

@@ -62,9 +62,7 @@ def infer_backbone(state: Mapping[str, torch.Tensor], prefix: str = "backbone.")
             raise CheckpointError(f"{stage}RoPE.angle is missing: the head width of stage {i} cannot be inferred")
         num_heads.append(dim // (2 * angle.shape[0]))
         mlp_ratios.append(state[f"{stage}blocks.0.ffn.fc1.weight"].shape[0] / dim)
-    out_indices = sorted(
-        {int(m[1]) for k in state if (m := re.match(re.escape(prefix) + r"extra_norms\.(\d+)\.", k))}
-    )
+    out_indices = sorted({int(m[1]) for k in state if (m := re.match(re.escape(prefix) + r"extra_norms\.(\d+)\.", k))})
     return dict(
         embed_dims=embed_dims, depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios,
         layerscales=f"{prefix}layers.0.blocks.0.gamma_1" in state,
@@ -76,6 +74,7 @@ def infer_backbone(state: Mapping[str, torch.Tensor], prefix: str = "backbone.")
 def backbone_tensors(state: Mapping[str, torch.Tensor], prefix: str = "backbone.") -> dict[str, torch.Tensor]:
     """The backbone's tensors under our names (prefix removed, ``RoPE`` → ``rope``)."""
     return checkpoint_filter_fn({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+
 
 def released_state(checkpoint: str | Path | Mapping) -> tuple[dict[str, torch.Tensor], str]:
     """The authors'-format state dict of a released file (``{"state_dict": ...}``) or of a plain dict."""
@@ -94,7 +93,9 @@ def load_converted(model: nn.Module, converted: Mapping[str, torch.Tensor], sour
     own = model.state_dict()
     for key, value in converted.items():
         if key not in own:
-            raise CheckpointError(f"{source}: {key} has no place in {type(model).__name__} (shape {tuple(value.shape)})")
+            raise CheckpointError(
+                f"{source}: {key} has no place in {type(model).__name__} (shape {tuple(value.shape)})"
+            )
         if own[key].shape != value.shape:
             raise CheckpointError(
                 f"{source}: {key} has shape {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} "

@@ -64,7 +64,9 @@ def param_groups(model: nn.Module, exempt: Sequence[str], layer_decay: float | N
     keys = [key for key in exempt if key not in ("1d", "norm_layers")]
     in_norm_layers = set()
     if "norm_layers" in exempt:
-        in_norm_layers = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+        in_norm_layers = {
+            id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)
+        }
     scales = layer_scales(model, layer_decay) if layer_decay is not None else {}
     groups: dict[tuple[float, bool], dict] = {}
     for name, param in model.named_parameters():
@@ -73,14 +75,23 @@ def param_groups(model: nn.Module, exempt: Sequence[str], layer_decay: float | N
         one_dim = "1d" in exempt and (param.ndim <= 1 or name.rsplit(".", 1)[-1] == "bias")
         exempted = one_dim or id(param) in in_norm_layers or any(key in name for key in keys)
         scale = scales.get(id(param), 1.0)
-        group = groups.setdefault((-scale, exempted), {"params": [], **({"weight_decay": 0.0} if exempted else {}),
-                                                         **({"lr_scale": scale} if layer_decay is not None else {})})
+        group = groups.setdefault(
+            (-scale, exempted),
+            {
+                "params": [],
+                **({"weight_decay": 0.0} if exempted else {}),
+                **({"lr_scale": scale} if layer_decay is not None else {}),
+            },
+        )
         group["params"].append(param)
     return [groups[key] for key in sorted(groups)]
 
 
 def build_optimizer(
-    factory: OptimizerCallable, model: nn.Module, exempt: Sequence[str], device: torch.device,
+    factory: OptimizerCallable,
+    model: nn.Module,
+    exempt: Sequence[str],
+    device: torch.device,
     layer_decay: float | None = None,
 ) -> Optimizer:
     """``factory`` on :func:`param_groups`, each group's lr times its ``lr_scale``; on CUDA, torch's
@@ -139,7 +150,11 @@ class WarmupSchedule(LambdaLR):
     def _decay_factor(self, step: int) -> float:
         if self.decay == "step":
             return self.gamma ** sum(step >= m for m in self.milestone_steps)
-        progress = min(max(step - (self.warmup if self.decay == "cosine" else 0), 0) / max(self.total_steps - (self.warmup if self.decay == "cosine" else 0), 1), 1.0)
+        progress = min(
+            max(step - (self.warmup if self.decay == "cosine" else 0), 0)
+            / max(self.total_steps - (self.warmup if self.decay == "cosine" else 0), 1),
+            1.0,
+        )
         if self.decay == "cosine":
             return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         if self.decay == "poly":
@@ -219,11 +234,15 @@ class BaseTask(LightningModule):
         if ema_decay and ema_horizon:
             raise ValueError("set model.init_args.ema_decay or ema_horizon, not both")
         if ema_horizon is not None and not 0 < ema_horizon <= 1:
-            raise ValueError(f"model.init_args.ema_horizon is a fraction of the run's steps in (0, 1], got {ema_horizon}")
+            raise ValueError(
+                f"model.init_args.ema_horizon is a fraction of the run's steps in (0, 1], got {ema_horizon}"
+            )
         if layer_decay is not None and not 0 < layer_decay <= 1:
             raise ValueError(f"model.init_args.layer_decay must be in (0, 1], got {layer_decay}")
         self.ema_horizon, self.freeze_backbone, self.layer_decay = ema_horizon, freeze_backbone, layer_decay
-        self.ema = EMA(ema_decay or 0.5) if ema_decay or ema_horizon else None  # a horizon sets the decay at train start
+        self.ema = (
+            EMA(ema_decay or 0.5) if ema_decay or ema_horizon else None
+        )  # a horizon sets the decay at train start
         self._pretrained_pending = False
 
     def configure_callbacks(self):
@@ -331,7 +350,9 @@ class BaseTask(LightningModule):
         elif trainer.ckpt_path:
             source = f"checkpoint {trainer.ckpt_path}"
         else:
-            source = "the weights the config builds (no checkpoint given: its pretrained backbone, or random initialisation)"
+            source = (
+                "the weights the config builds (no checkpoint given: its pretrained backbone, or random initialisation)"
+            )
         return source + (", EMA weights" if ema else "")
 
     def report_dir(self) -> Path:

@@ -73,7 +73,9 @@ def confusion_figure(confusion: torch.Tensor, class_names: Sequence[str], captio
     ax.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
     ax.set_yticks(range(len(class_names)), class_names)
-    for (i, j), count in zip(((i, j) for i in range(len(class_names)) for j in range(len(class_names))), confusion.flatten().tolist()):
+    for (i, j), count in zip(
+        ((i, j) for i in range(len(class_names)) for j in range(len(class_names))), confusion.flatten().tolist()
+    ):
         if count:
             colour = "white" if shares[i, j] > 0.5 else "black"
             ax.text(j, i, str(count), ha="center", va="center", color=colour, fontsize=8)

@@ -189,7 +189,11 @@ def truth_at_input_size(target: Mapping[str, Tensor], size: tuple[int, int]) -> 
     truth = {"boxes": target["boxes"].cpu() * scale, "labels": target["labels"].cpu()}
     if "masks" in target:
         masks = target["masks"].cpu()[:, None].float()  # (N, 1, H, W)
-        truth["masks"] = F.interpolate(masks, size=size, mode="nearest")[:, 0] > 0.5 if len(masks) else torch.zeros(0, *size, dtype=torch.bool)
+        truth["masks"] = (
+            F.interpolate(masks, size=size, mode="nearest")[:, 0] > 0.5
+            if len(masks)
+            else torch.zeros(0, *size, dtype=torch.bool)
+        )
     return truth
 
 

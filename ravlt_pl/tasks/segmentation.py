@@ -172,8 +172,8 @@ class SegmentationTask(BaseTask):
         """The whole segmentor from an authors' released file (unless ``pretrained_backbone_only``), else the backbone."""
         if not self.pretrained:
             return
-        self._released_parts = [] if self.hparams.pretrained_backbone_only else load_released_segmentor(
-            self.model, self.pretrained
+        self._released_parts = (
+            [] if self.hparams.pretrained_backbone_only else load_released_segmentor(self.model, self.pretrained)
         )
         if self._released_parts:
             rank_zero_info(f"pretrained: {self.pretrained}: the authors' released {type(self.model).__name__}, "
@@ -294,8 +294,12 @@ class SegmentationTask(BaseTask):
                 "protocol": protocol(h.inference, scales, flip, self.test_resize_bound()),
             }  # fmt: skip
             weights = self.weights_source(ema=self.ema is not None)
-            paths = write_segmentation_report(self.report_dir(), stage, scores, self.class_names(), setup, weights, self._grid)
-            print(f"report: mIoU {float(scores['mIoU']):.4f} ({weights}); written to {', '.join(map(str, paths.values()))}")
+            paths = write_segmentation_report(
+                self.report_dir(), stage, scores, self.class_names(), setup, weights, self._grid
+            )
+            print(
+                f"report: mIoU {float(scores['mIoU']):.4f} ({weights}); written to {', '.join(map(str, paths.values()))}"
+            )
 
     # -- reports and masks --------------------------------------------------------------------------
     def class_names(self) -> list[str]:
@@ -310,4 +314,3 @@ class SegmentationTask(BaseTask):
         probs = self.predict_probs(batch["image"], batch["size"], batch["orig_size"], batch.get("path"))
         masks = (out_dir / f"{Path(path).stem}.png" for path in batch["path"])
         return [str(save_mask(mask, p.argmax(0))) for mask, p in zip(masks, probs)]
-

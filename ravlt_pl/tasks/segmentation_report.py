@@ -78,7 +78,9 @@ def write_segmentation_report(
         + markdown_table(list(SCORES), [[_fraction(overall[k]) for k in SCORES]])
         + "\nPer class. '-': IoU of a class absent from ground truth and prediction, Acc of a class absent "
         "from the ground truth; both are left out of the means (mmseg's definition).\n\n"
-        + markdown_table(["class", "IoU", "Acc"], [[n, _fraction(i), _fraction(a)] for n, i, a in zip(class_names, iou, acc)])
+        + markdown_table(
+            ["class", "IoU", "Acc"], [[n, _fraction(i), _fraction(a)] for n, i, a in zip(class_names, iou, acc)]
+        )
     )
     figures = {"grid": grid_figure(grid, class_names, f"{stage}, {weights}")} if grid else {}
     return write_report(out_dir, f"segmentation_{stage}", data, markdown, figures)
@@ -89,7 +91,9 @@ def grid_figure(grid: Sequence[GridRow], class_names: Sequence[str], caption: st
     names the classes shown, those covering most pixels first."""
     colours = palette() / 255.0
     cmap = ListedColormap(colours)
-    values, pixels = np.unique(np.concatenate([a.ravel() for _, label, pred in grid for a in (label, pred)]), return_counts=True)
+    values, pixels = np.unique(
+        np.concatenate([a.ravel() for _, label, pred in grid for a in (label, pred)]), return_counts=True
+    )
     classes = [int(v) for v in values[np.argsort(-pixels, kind="stable")] if v < len(class_names)]  # most pixels first
     shown = classes[:LEGEND_CLASSES] + ([IGNORE_INDEX] if IGNORE_INDEX in values else [])
     legend_height = 0.25 * math.ceil((len(shown) + (len(classes) > LEGEND_CLASSES)) / LEGEND_COLUMNS) + 0.2  # inches

@@ -125,7 +125,9 @@ def test_missing_root_names_the_directory(tmp_path: Path) -> None:
 def test_image_without_label_names_the_image(ade_root: Path, tmp_path: Path) -> None:
     root = copy_split(ade_root, tmp_path / "ade")
     (root / "annotations/training/ADE_train_00000002.png").unlink()
-    with pytest.raises(DatasetError, match=r"ADE_train_00000002\.jpg: no label file; expected .*ADE_train_00000002\.png"):
+    with pytest.raises(
+        DatasetError, match=r"ADE_train_00000002\.jpg: no label file; expected .*ADE_train_00000002\.png"
+    ):
         datamodule(root).setup("fit")
 
 
@@ -219,7 +221,9 @@ def test_sixteen_bit_label_beyond_uint8_is_refused_naming_the_file(ade_root: Pat
         dm.datasets["val"][0]
 
 
-@pytest.mark.parametrize("which", ["images/training/ADE_train_00000002.jpg", "annotations/training/ADE_train_00000002.png"])
+@pytest.mark.parametrize(
+    "which", ["images/training/ADE_train_00000002.jpg", "annotations/training/ADE_train_00000002.png"]
+)
 def test_image_or_label_that_is_no_image_names_the_file(ade_root: Path, tmp_path: Path, which: str) -> None:
     root = copy_split(ade_root, tmp_path / "ade")
     (root / which).write_text("not an image")
@@ -230,7 +234,7 @@ def test_image_or_label_that_is_no_image_names_the_file(ade_root: Path, tmp_path
 def test_sixteen_bit_grayscale_image_keeps_its_top_byte(ade_root: Path, tmp_path: Path) -> None:
     root = copy_split(ade_root, tmp_path / "ade")
     path = root / "images/validation/ADE_val_00000001.jpg"
-    gray = (np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 21)  # 0..64491
+    gray = np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 21  # 0..64491
     png = path.with_suffix(".png")
     path.unlink()
     Image.fromarray(gray).save(png)  # mode I;16

@@ -231,6 +231,7 @@ def test_predict_without_annotations_numbers_the_categories(coco_root, tmp_path)
 def test_short_or_odd_polygon_names_the_annotation(broken_root, polygon, count):
     def edit(data):
         data["annotations"][2]["segmentation"] = [polygon]
+
     _edit(broken_root, edit)
     ann_id = _raw(broken_root)["annotations"][2]["id"]
     message = rf"instances_train2017\.json: annotation {ann_id} \(annotations\[2\]\): polygon 0 has {count} coordinates"
@@ -247,6 +248,7 @@ def test_short_or_odd_polygon_names_the_annotation(broken_root, polygon, count):
 def test_rle_of_wrong_size_or_garbage_counts_names_the_annotation(broken_root, rle, problem):
     def edit(data):
         data["annotations"][1].update(segmentation=rle, iscrowd=1)
+
     _edit(broken_root, edit)
     ann_id = _raw(broken_root)["annotations"][1]["id"]
     with pytest.raises(DatasetError, match=rf"instances_train2017\.json: annotation {ann_id} .*: {problem}"):
@@ -269,6 +271,7 @@ def test_rle_string_runs_decode_pycocotools_strings():
 def test_file_name_outside_the_image_folder_is_refused(broken_root, file_name):
     def edit(data):
         data["images"][3]["file_name"] = file_name
+
     _edit(broken_root, edit)
     image_id = _raw(broken_root)["images"][3]["id"]
     message = rf"instances_train2017\.json: images\[3\] \(id {image_id}\) has file_name '{re.escape(file_name)}'; it must be a relative path"

@@ -57,7 +57,9 @@ def test_test_without_a_test_split_names_the_keys(tmp_path):
 
 
 def test_box_only_export_loads_for_a_box_detector_and_points_a_mask_detector_at_it(tmp_path):
-    root = make_detection_export(tmp_path / "rf", "roboflow", box_only=True, num_train=3, num_val=2, image_size=(80, 64))
+    root = make_detection_export(
+        tmp_path / "rf", "roboflow", box_only=True, num_train=3, num_val=2, image_size=(80, 64)
+    )
     boxes = COCODataModule(root, with_masks=False, **LOADER)
     boxes.setup("fit")
     assert "masks" not in boxes.datasets["train"][0][1]
@@ -74,8 +76,12 @@ def test_explicit_files_replace_the_layout_and_classes_come_from_the_train_file(
                  val_annotations="annotations/instances_val2017.json", val_images="val2017")  # fmt: skip
     with caplog.at_level(logging.WARNING):
         dm = COCODataModule(coco, **paths, **LOADER)
-    assert dm.num_classes == len(SHAPES) + 1 and re.search(r"categories on no annotation \(still classes\): .*unused", caplog.text)
-    with pytest.raises(DatasetError, match=r"instances_val2017.json: categories differ from the train file .*mine.json"):
+    assert dm.num_classes == len(SHAPES) + 1 and re.search(
+        r"categories on no annotation \(still classes\): .*unused", caplog.text
+    )
+    with pytest.raises(
+        DatasetError, match=r"instances_val2017.json: categories differ from the train file .*mine.json"
+    ):
         dm.setup("fit")
     with pytest.raises(DatasetError, match=rf"mine.json: {len(SHAPES) + 1} categories, but num_classes is 3"):
         COCODataModule(coco, **paths, num_classes=3, **LOADER).setup("fit")
@@ -85,6 +91,9 @@ def test_explicit_files_replace_the_layout_and_classes_come_from_the_train_file(
 
 def test_unknown_layout_lists_the_known_ones(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetError, match=r"no COCO annotation file of a known layout \(coco2017: .*roboflow: .*"
-                                           r"train/_annotations.coco.json.*set --data.init_args.train_annotations"):
+    with pytest.raises(
+        DatasetError,
+        match=r"no COCO annotation file of a known layout \(coco2017: .*roboflow: .*"
+        r"train/_annotations.coco.json.*set --data.init_args.train_annotations",
+    ):
         COCODataModule(tmp_path / "empty", **LOADER)

@@ -142,7 +142,9 @@ def test_without_val_a_seeded_stratified_fraction_validates(synthetic_cls, tmp_p
     dm.setup("fit")
     train, val = dm.datasets["train"], dm.datasets["val"]
     labels = [val.dataset.targets[i] for i in val.indices]
-    assert sorted(set(labels)) == [0, 1, 2, 3, 4] and len(labels) == 5 * round(0.4 * len(train.indices + val.indices) / 5)
+    assert sorted(set(labels)) == [0, 1, 2, 3, 4] and len(labels) == 5 * round(
+        0.4 * len(train.indices + val.indices) / 5
+    )
     assert not set(train.indices) & set(val.indices)
     again = _dm(root, val_fraction=0.4, split_seed=3)
     again.setup("validate")

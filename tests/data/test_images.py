@@ -64,7 +64,10 @@ def test_predict_folder_lists_images_sorted_and_skips_hidden(tmp_path: Path) -> 
                        "image_id": 3, "orig_size": (4, 6)}  # fmt: skip
     numbered = [tmp_path / f"{n}.png" for n in ("000000000139", "7")]
     assert PredictFolder(tmp_path, lambda image: image, files=numbered).image_ids == [139, 7]  # COCO's names are ids
-    assert PredictFolder(tmp_path, lambda image: image, files=[tmp_path / "1.png", tmp_path / "a.jpg"]).image_ids == [1, 2]
+    assert PredictFolder(tmp_path, lambda image: image, files=[tmp_path / "1.png", tmp_path / "a.jpg"]).image_ids == [
+        1,
+        2,
+    ]
 
 
 def test_predict_folder_missing_or_empty_names_the_folder(tmp_path: Path) -> None:

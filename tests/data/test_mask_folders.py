@@ -53,7 +53,9 @@ def test_a_missing_mask_and_a_missing_test_split_are_named(folders, tmp_path):
         dm.setup("validate")
 
 
-@pytest.mark.parametrize(("name", "text"), [("c.txt", "a\nb\n"), ("c.yaml", "names: [a, b]\n"), ("c.json", '["a", "b"]')])
+@pytest.mark.parametrize(
+    ("name", "text"), [("c.txt", "a\nb\n"), ("c.yaml", "names: [a, b]\n"), ("c.json", '["a", "b"]')]
+)
 def test_class_files(tmp_path, name, text):
     (tmp_path / name).write_text(text)
     assert read_classes(str(tmp_path / name)) == ["a", "b"]

@@ -30,7 +30,9 @@ pq = pytest.importorskip("pyarrow.parquet")
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """43 training images (an odd count, no divisor of the batch) and 15 validation images."""
-    root = make_classification(tmp_path_factory.mktemp("src") / "shapes", train_per_class=9, val_per_class=3, image_size=32)
+    root = make_classification(
+        tmp_path_factory.mktemp("src") / "shapes", train_per_class=9, val_per_class=3, image_size=32
+    )
     for name in ("circle", "star"):
         sorted((root / "train" / name).iterdir())[0].unlink()
     return root
@@ -52,7 +54,9 @@ NO_RANDAUGMENT = dict(auto_augment=None)
 
 
 def _dm(root, **kwargs) -> ImageNetDataModule:
-    settings = dict(num_classes=5, image_size=32, batch_size=4, num_workers=0, pin_memory=False) | NO_RANDAUGMENT | kwargs
+    settings = (
+        dict(num_classes=5, image_size=32, batch_size=4, num_workers=0, pin_memory=False) | NO_RANDAUGMENT | kwargs
+    )
     return ImageNetDataModule(root=root, **settings)
 
 
@@ -94,7 +98,9 @@ def test_converter_writes_the_hubs_parquet_schema(folder, parquet_root):
     assert [f.name for f in files] == [f"train-{i:05d}-of-00005.parquet" for i in range(5)] + [
         "validation-00000-of-00002.parquet", "validation-00001-of-00002.parquet"]  # fmt: skip
     table = pq.read_table(files[0])
-    assert table.schema.field("image").type.names == ["bytes", "path"] and str(table.schema.field("label").type) == "int64"
+    assert (
+        table.schema.field("image").type.names == ["bytes", "path"] and str(table.schema.field("label").type) == "int64"
+    )
     features = json.loads(table.schema.metadata[b"huggingface"])["info"]["features"]
     assert features["label"] == {"names": ["circle", "cross", "square", "star", "triangle"], "_type": "ClassLabel"}
     row = table.slice(0, 1).to_pylist()[0]
@@ -138,13 +144,19 @@ def test_ranks_and_workers_partition_the_epoch():
         evals = [rank_range(total, world, r, batch, False) for r in range(world)]
         assert evals[0][0] == 0 and evals[-1][1] == total and all(a[1] == b[0] for a, b in zip(evals, evals[1:]))
         trains = [rank_range(total, world, r, batch, True) for r in range(world)]
-        assert len({b - a for a, b in trains}) == 1 and (trains[0][1] % batch == 0) and total - trains[-1][1] < world * batch
+        assert (
+            len({b - a for a, b in trains}) == 1
+            and (trains[0][1] % batch == 0)
+            and total - trains[-1][1] < world * batch
+        )
     for batches, workers in [(10, 3), (2, 4), (9, 1)]:
         runs = [worker_batches(batches, workers, w) for w in range(workers)]
         assert runs[0][0] == 0 and runs[-1][1] == batches and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
         order = [w for i in range(batches) for w in [i % workers]]  # the DataLoader's round robin
         for done in range(batches + 1):
-            assert [skipped_batches(done, workers, w) for w in range(workers)] == [order[:done].count(w) for w in range(workers)]
+            assert [skipped_batches(done, workers, w) for w in range(workers)] == [
+                order[:done].count(w) for w in range(workers)
+            ]
 
 
 @pytest.mark.parametrize("layout", ["wds", "parquet"])
@@ -212,7 +224,9 @@ def test_layout_errors_name_the_file(wds_root, parquet_root, tmp_path):
     info = json.loads((root / "_info.json").read_text())
     info["splits"]["train"]["num_samples"] = 44
     (root / "_info.json").write_text(json.dumps(info))
-    with pytest.raises(DatasetError, match=r"_info.json: split 'train': 9 filenames, 9 shard_lengths summing to 43, num_samples 44"):
+    with pytest.raises(
+        DatasetError, match=r"_info.json: split 'train': 9 filenames, 9 shard_lengths summing to 43, num_samples 44"
+    ):
         _dm(root).setup("fit")
     (root / "_info.json").write_text("{not json")
     with pytest.raises(DatasetError, match=r"_info.json: not readable JSON"):

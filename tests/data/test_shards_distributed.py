@@ -27,7 +27,9 @@ BATCH = 4
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """43 training and 13 validation images in shards of 4: shards start and end mid-run."""
-    root = make_classification(tmp_path_factory.mktemp("src") / "shapes", train_per_class=9, val_per_class=3, image_size=32)
+    root = make_classification(
+        tmp_path_factory.mktemp("src") / "shapes", train_per_class=9, val_per_class=3, image_size=32
+    )
     for split, name in (("train", "circle"), ("train", "star"), ("val", "circle"), ("val", "star")):
         sorted((root / split / name).iterdir())[0].unlink()
     return write_shards(root, tmp_path_factory.mktemp("wds") / "shapes-wds", shard_size=4)
@@ -42,9 +44,17 @@ def fake_trainer(world: int, rank: int, epoch: int = 0) -> SimpleNamespace:
 
 def loader_keys(root: Path, world: int, rank: int) -> dict:
     """Per split (and training epoch) the sample keys this process reads, and its batch count."""
-    dm = ImageNetDataModule(root=root, num_classes=5, image_size=32, batch_size=BATCH, num_workers=2,
-                            pin_memory=False, persistent_workers=True, shuffle_buffer=6,
-                            auto_augment=None)  # fmt: skip  (timm's posterize at magnitude 10 fails on Pillow >= 10)
+    dm = ImageNetDataModule(
+        root=root,
+        num_classes=5,
+        image_size=32,
+        batch_size=BATCH,
+        num_workers=2,
+        pin_memory=False,
+        persistent_workers=True,
+        shuffle_buffer=6,
+        auto_augment=None,
+    )  # fmt: skip  (timm's posterize at magnitude 10 fails on Pillow >= 10)
     dm.trainer = fake_trainer(world, rank)
     dm.setup("fit")
     out = {}

@@ -1,4 +1,5 @@
 """Tests for the synthetic ImageNet / COCO / ADE20K dataset generator."""
+
 from __future__ import annotations
 
 import json
@@ -108,8 +109,7 @@ def test_ade_labels(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("writer", [make_classification, make_detection, make_segmentation])
 def test_deterministic_by_seed(tmp_path: Path, writer) -> None:
-    kw = ({"train_per_class": 1, "val_per_class": 1} if writer is make_classification
-          else {"num_train": 3, "num_val": 2})
+    kw = {"train_per_class": 1, "val_per_class": 1} if writer is make_classification else {"num_train": 3, "num_val": 2}
     a = _tree_bytes(writer(tmp_path / "a", seed=7, **kw))
     b = _tree_bytes(writer(tmp_path / "b", seed=7, **kw))
     c = _tree_bytes(writer(tmp_path / "c", seed=8, **kw))
@@ -133,12 +133,40 @@ def test_refuses_overwrite(tmp_path: Path) -> None:
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "coco"
-    synthetic.main(["--task", "detection", "--out", str(out), "--num-train", "2", "--num-val", "1",
-                    "--image-size", "80", "64", "--seed", "5"])
+    synthetic.main(
+        [
+            "--task",
+            "detection",
+            "--out",
+            str(out),
+            "--num-train",
+            "2",
+            "--num-val",
+            "1",
+            "--image-size",
+            "80",
+            "64",
+            "--seed",
+            "5",
+        ]
+    )
     assert "2 train / 1 val" in capsys.readouterr().out
     assert Image.open(next((out / "train2017").glob("*.jpg"))).size == (80, 64)
     with pytest.raises(FileExistsError):
         synthetic.main(["--task", "detection", "--out", str(out)])
-    synthetic.main(["--task", "classification", "--out", str(out), "--overwrite",
-                    "--num-train", "1", "--num-val", "1", "--image-size", "24"])
+    synthetic.main(
+        [
+            "--task",
+            "classification",
+            "--out",
+            str(out),
+            "--overwrite",
+            "--num-train",
+            "1",
+            "--num-val",
+            "1",
+            "--image-size",
+            "24",
+        ]
+    )
     assert f"{len(SHAPES)} train / {len(SHAPES)} val" in capsys.readouterr().out

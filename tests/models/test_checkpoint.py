@@ -55,7 +55,9 @@ def test_imagenet_checkpoint_into_dense_backbone_reports_head_and_extra_norms(of
 def test_shape_mismatch_names_key_and_shapes():
     s_state = timm.create_model("ravlt_s").state_dict()
     tiny = timm.create_model("ravlt_t")
-    with pytest.raises(CheckpointError, match=r"layers\.1\.downsample\.reduction\.weight .*\(320, 128, 3, 3\).*\(256, 128, 3, 3\)"):
+    with pytest.raises(
+        CheckpointError, match=r"layers\.1\.downsample\.reduction\.weight .*\(320, 128, 3, 3\).*\(256, 128, 3, 3\)"
+    ):
         load_official(tiny, {"model": s_state})
 
 
@@ -107,7 +109,9 @@ def test_compiled_submodule_in_a_lightning_checkpoint(official_cls):
 def test_a_file_that_fills_no_backbone_tensor_is_refused_in_one_line(cls_model, official_cls):
     resnet = {"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 2048)}
     total = len(cls_model.state_dict())
-    with pytest.raises(CheckpointError, match=rf"0 of {total} backbone tensors load; first unmatched: patch_embed\..*conv1\.weight") as err:
+    with pytest.raises(
+        CheckpointError, match=rf"0 of {total} backbone tensors load; first unmatched: patch_embed\..*conv1\.weight"
+    ) as err:
         load_official(cls_model, resnet)
     assert "\n" not in str(err.value) and "pretrained_strict false" in str(err.value)
     detector = {"state_dict": {f"model.backbone.body.{k}": v for k, v in official_cls["state_dict"].items()}}

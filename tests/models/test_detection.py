@@ -28,7 +28,7 @@ from ravlt_pl.models.detection import (
     ravlt_fpn,
     rcnn_rules,
     rescale_detections,
-)  # fmt: skip
+)
 from tests.conftest import TINY
 
 SMALL_HEADS = dict(fpn_channels=16, representation_size=32, mask_channels=8)
@@ -275,7 +275,9 @@ def test_anchors_are_torchvisions_defaults_times_the_scale():
         assert anchors(0.5, octaves).sizes[0][0] == 16.0
     assert tiny("cascade_maskrcnn", anchor_scale=0.5).rpn.anchor_generator.sizes[0] == (16.0,)
     # RetinaNet: mmdet's unrounded octave sizes 4·2^(i/3) × stride (tests/models/test_released_retinanet.py)
-    assert tiny("retinanet", anchor_scale=0.5).anchor_generator.sizes[0] == pytest.approx((16.0, 20.159, 25.398), abs=1e-3)
+    assert tiny("retinanet", anchor_scale=0.5).anchor_generator.sizes[0] == pytest.approx(
+        (16.0, 20.159, 25.398), abs=1e-3
+    )
 
 
 # -- the authors' (mmdet) rules ----------------------------------------------------------------------
@@ -285,6 +287,7 @@ def test_mmdet_anchors_use_the_configured_strides_and_float_corners():
     # a 96×128 input: P6 is 2×2, whose stride torchvision would infer as 96 // 2 = 48 in y
     maps = [torch.zeros(1, 1, 96 // s + (96 % s > 0), 128 // s) for s in (4, 8, 16, 32, 64)]
     from torchvision.models.detection.image_list import ImageList
+
     (anchors_,) = generator(ImageList(torch.zeros(1, 3, 96, 128), [(96, 128)]), maps)
     p6 = anchors_[-12:].view(2, 2, 3, 4)
     torch.testing.assert_close(p6[1, 1] - p6[0, 0], torch.full((3, 4), 64.0))
@@ -313,6 +316,7 @@ def test_roi_levels_follow_mmdet_and_align_is_aligned_adaptive():
     boxes = [torch.tensor([[0.0, 0, 111, 111], [0, 0, 113, 113]])]  # sqrt(wh)/56 just under / over 2
     out = pool(features, boxes)
     from torchvision.ops import roi_align
+
     rois = torch.cat([torch.zeros(2, 1), boxes[0]], 1)
     torch.testing.assert_close(out[0], roi_align(features["0"], rois[:1], 2, 0.25, 0, True)[0])
     torch.testing.assert_close(out[1], roi_align(features["1"], rois[1:], 2, 0.125, 0, True)[0])

@@ -81,7 +81,9 @@ def test_rotate_every_two():
     assert rotate_every_two(torch.arange(4.0)).tolist() == [-1.0, 0.0, -3.0, 2.0]
 
 
-@pytest.mark.parametrize("variant, millions", [("ravlt_t", 14.90), ("ravlt_s", 25.59), ("ravlt_b", 48.24), ("ravlt_l", 95.24)])
+@pytest.mark.parametrize(
+    "variant, millions", [("ravlt_t", 14.90), ("ravlt_s", 25.59), ("ravlt_b", 48.24), ("ravlt_l", 95.24)]
+)
 def test_published_parameter_counts_and_key_set(variant, millions):
     with torch.device("meta"):
         model = timm.create_model(variant, num_classes=1000)

@@ -1,4 +1,5 @@
 """The plain reference RAVLT (ravlt_pl/benchmark/reference_ravlt.py) against the authors' outputs."""
+
 from pathlib import Path
 
 import pytest

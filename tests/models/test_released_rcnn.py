@@ -115,7 +115,9 @@ def test_mask_probabilities(case):
     labels = torch.cat([lab[:12] for lab in out["det_labels"]]) + 1
     with torch.no_grad():
         pooled = heads[0].mask_roi_pool(features, boxes, image_sizes)
-        probs = sum(torch.sigmoid(h.mask_predictor(h.mask_head(pooled))[torch.arange(len(labels)), labels]) for h in heads)
+        probs = sum(
+            torch.sigmoid(h.mask_predictor(h.mask_head(pooled))[torch.arange(len(labels)), labels]) for h in heads
+        )
     assert_float32_close(probs / len(heads), torch.cat(out["mask_probs"]))
 
 
@@ -172,7 +174,9 @@ def test_a_key_of_another_family_fails_naming_it():
     fx = torch.load(FIXTURES / FAMILY_FILES["cascade_mask_rcnn"], weights_only=True)
     model = RAVLTMaskRCNN(80, "ravlt_t", dict(embed_dims=[8, 16, 24, 32], depths=[1, 1, 2, 1], num_heads=[1, 2, 3, 4]),
                           fpn_channels=16, representation_size=16, mask_channels=8)  # fmt: skip
-    with pytest.raises(CheckpointError, match=r"roi_head\.bbox_head\.0\.\S+ \(shape .*\) has no place in RAVLTMaskRCNN"):
+    with pytest.raises(
+        CheckpointError, match=r"roi_head\.bbox_head\.0\.\S+ \(shape .*\) has no place in RAVLTMaskRCNN"
+    ):
         FAMILIES[0].convert(fx["state_dict"], model)
 
 

@@ -44,7 +44,12 @@ def test_published_head_layout(no_weight_init) -> None:
     with torch.device("meta"):
         fpn, upernet = segmentor("fpn", 150, "ravlt_s"), segmentor("upernet", 150, "ravlt_s")
     assert isinstance(fpn.decode_head, FPNHead) and fpn.auxiliary_head is None
-    assert [len([m for m in h if isinstance(m, torch.nn.Sequential)]) for h in fpn.decode_head.scale_heads] == [1, 1, 2, 3]
+    assert [len([m for m in h if isinstance(m, torch.nn.Sequential)]) for h in fpn.decode_head.scale_heads] == [
+        1,
+        1,
+        2,
+        3,
+    ]
     assert fpn.neck.out_channels == [256] * 4
     head = upernet.decode_head
     assert isinstance(head, UPerHead)

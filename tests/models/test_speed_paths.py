@@ -27,7 +27,7 @@ from ravlt_pl.models.fast import (
     conv_gelu,
     elu,
     flop_counting,
-    residual,  # fmt: skip
+    residual,
     rotate,
     rotation_forms,
 )
@@ -156,7 +156,9 @@ def test_residual_without_autograd_sums_into_the_branch(layerscale):
         x_before, out = x.clone(), residual(x, branch.clone(), gamma, torch.nn.Identity(), training=False)
         torch.testing.assert_close(out, expected)
         assert torch.equal(x, x_before)  # the block input (the shortcut) is never written
-        half = residual(x, branch.bfloat16(), gamma, torch.nn.Identity(), training=False)  # mixed dtypes: the promoting sum, as with autograd
+        half = residual(
+            x, branch.bfloat16(), gamma, torch.nn.Identity(), training=False
+        )  # mixed dtypes: the promoting sum, as with autograd
         assert half.dtype == torch.float32
 
 

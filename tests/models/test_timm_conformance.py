@@ -103,7 +103,9 @@ def test_a_plain_state_dict_file_loads_through_timms_own_loader_and_our_filter(o
     path = tmp_path / "weights.pth"
     torch.save(official_cls["state_dict"], path)  # the authors' names, no training arguments
     overlay = dict(file=str(path), num_classes=official_cls["config"]["num_classes"])  # the file's classes
-    model = timm.create_model("ravlt_t", pretrained=True, pretrained_cfg_overlay=overlay, **official_cls["config"]).eval()
+    model = timm.create_model(
+        "ravlt_t", pretrained=True, pretrained_cfg_overlay=overlay, **official_cls["config"]
+    ).eval()
     with torch.no_grad():
         assert rel_err(model(official_cls["input"]), official_cls["logits"]) < 1e-5
 

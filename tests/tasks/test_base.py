@@ -35,7 +35,12 @@ def test_norm_layers_exempts_every_normalisation_layer_whatever_its_name():
     task = ClassificationTask(num_classes=3, backbone_overrides=TINY, weight_decay_exempt=["norm_layers"])
     decay, no_decay = _names(task, param_groups(task.model, task.weight_decay_exempt))
     # The stem's BatchNorms (patch_embed.proj.1/4/7/10) carry no "norm" in their names; LayerNorms do.
-    assert {"patch_embed.proj.1.weight", "patch_embed.proj.10.bias", "layers.0.blocks.0.norm1.norm.weight", "norm.bias"} <= no_decay
+    assert {
+        "patch_embed.proj.1.weight",
+        "patch_embed.proj.10.bias",
+        "layers.0.blocks.0.norm1.norm.weight",
+        "norm.bias",
+    } <= no_decay
     assert "layers.0.blocks.0.attn.qkvo.bias" in decay and "patch_embed.proj.0.bias" in decay  # conv biases decay
     layers = (torch.nn.LayerNorm, torch.nn.modules.batchnorm._BatchNorm)
     assert no_decay == {f"{m}.{n}" for m, mod in task.model.named_modules() if isinstance(mod, layers)

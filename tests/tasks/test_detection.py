@@ -71,10 +71,15 @@ def test_config_fast_dev_run(config, coco_root, tmp_path):
     ])  # fmt: skip
     report = json.loads((tmp_path / "reports" / "fit" / "detection_val.json").read_text())
     assert set(report["metrics"]) == ({"bbox", "segm"} if rcnn else {"bbox"})
-    assert report["weights"].startswith("this fit's weights at optimizer step ") and "not the best checkpoint" in report["weights"]
+    assert (
+        report["weights"].startswith("this fit's weights at optimizer step ")
+        and "not the best checkpoint" in report["weights"]
+    )
 
 
-@pytest.mark.parametrize("config", ["det/retinanet_t_1x.yaml", "det/maskrcnn_s_3x.yaml", "det/cascade_maskrcnn_s_3x.yaml"])
+@pytest.mark.parametrize(
+    "config", ["det/retinanet_t_1x.yaml", "det/maskrcnn_s_3x.yaml", "det/cascade_maskrcnn_s_3x.yaml"]
+)
 def test_config_weight_decay_is_the_authors_paramwise_cfg(config):
     cli = build_cli(["--config", resolve_config(config), *small_detector_args("retinanet" not in config),
                      "--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1"], run=False)  # fmt: skip
@@ -84,13 +89,17 @@ def test_config_weight_decay_is_the_authors_paramwise_cfg(config):
     named = {name for name, p in model.named_parameters() if "norm" in name}  # mmcv custom_keys 'norm'
     norm_layers = {f"{m}.{n}" for m, module in model.named_modules() if isinstance(module, (nn.LayerNorm, _BatchNorm))
                    for n, _ in module.named_parameters(recurse=False)}  # mmcv norm_decay_mult  # fmt: skip
-    expected = {"retinanet": set(), "maskrcnn": named, "cascade": named | norm_layers}[config.split("/")[1].split("_")[0]]
+    expected = {"retinanet": set(), "maskrcnn": named, "cascade": named | norm_layers}[
+        config.split("/")[1].split("_")[0]
+    ]
     assert {name for name, p in model.named_parameters() if id(p) in exempt} == expected
     weight_decay = cli.config["model"]["init_args"]["optimizer"]["init_args"]["weight_decay"]
     assert weight_decay == (1e-4 if "retinanet" in config else 0.05)
 
 
-@pytest.mark.parametrize(("config", "proposals"), [("det/maskrcnn_s_3x.yaml", 1000), ("det/cascade_maskrcnn_s_3x.yaml", 2000)])
+@pytest.mark.parametrize(
+    ("config", "proposals"), [("det/maskrcnn_s_3x.yaml", 1000), ("det/cascade_maskrcnn_s_3x.yaml", 2000)]
+)
 def test_config_keeps_the_authors_training_proposals_per_image(config, proposals):
     # mmdet rpn_proposal max_per_img; no other detector class's defaults leak into the one a config names
     small = {"backbone_overrides": json.dumps(TINY), **SMALL}
@@ -285,8 +294,12 @@ def test_predict_gives_every_file_its_own_id_drawing_and_named_results(coco_root
     first = sorted((coco_root / "val2017").iterdir())[0]
     for name in ("1.jpg", "a.jpg", "a.png", "sub/a.jpg"):  # ids by name would meet (1 and index 1); stems too
         shutil.copy(first, folder / name)
-    _trainer(tmp_path).predict(_task(report_dir=str(tmp_path / "out")), datamodule=_datamodule(coco_root, predict_dir=str(folder)))
-    drawn = sorted(p.relative_to(tmp_path / "out" / "drawn").as_posix() for p in (tmp_path / "out" / "drawn").rglob("*.png"))
+    _trainer(tmp_path).predict(
+        _task(report_dir=str(tmp_path / "out")), datamodule=_datamodule(coco_root, predict_dir=str(folder))
+    )
+    drawn = sorted(
+        p.relative_to(tmp_path / "out" / "drawn").as_posix() for p in (tmp_path / "out" / "drawn").rglob("*.png")
+    )
     assert drawn == ["1.jpg.png", "a.jpg.png", "a.png.png", "sub/a.jpg.png"]
     results = json.loads((tmp_path / "out" / "predictions_bbox.json").read_text())
     ids = {r["file_name"]: r["image_id"] for r in results}
@@ -318,7 +331,6 @@ def test_flops_forward_counts_backbone_and_heads():
     with torch.no_grad(), counter:
         task.flops_forward(torch.rand(1, 3, 64, 64))
     assert counter.get_total_flops() > 0
-
 
 
 class RAVLTFasterRCNN(FasterRCNN):

@@ -16,7 +16,9 @@ class WeightsAtEachStep(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step > len(self.states):
-            self.states.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items() if v.is_floating_point()})
+            self.states.append(
+                {k: v.detach().clone() for k, v in pl_module.model.state_dict().items() if v.is_floating_point()}
+            )
 
 
 def test_ema_updates_once_per_optimizer_step_at_the_decay_of_its_batch(synthetic_cls, tmp_path):

@@ -38,20 +38,45 @@ def _data(config: str, tmp: Path) -> tuple[Path, list[str]]:
     if config.startswith("cls"):
         root = make_classification(tmp / "mine", train_per_class=4, val_per_class=1, image_size=32)
         shutil.rmtree(root / "val")  # a tree without val/: a held-out fraction validates
-        return root, ["--data.init_args.val_fraction", "0.25", "--data.init_args.image_size", "32",
-                      "--data.init_args.batch_size", "4", "--model.init_args.backbone_overrides", json.dumps(TINY)]
+        return root, [
+            "--data.init_args.val_fraction",
+            "0.25",
+            "--data.init_args.image_size",
+            "32",
+            "--data.init_args.batch_size",
+            "4",
+            "--model.init_args.backbone_overrides",
+            json.dumps(TINY),
+        ]
     if config in ("maskrcnn", "faster_rcnn"):
         root = make_detection_export(tmp / "export", "roboflow", box_only=config == "faster_rcnn", num_train=4,
                                      num_val=3, image_size=(80, 64))  # fmt: skip
         small = dict(DETECTOR, **({"mask_channels": "8"} if config == "maskrcnn" else {}))
-        return root, ["--data.init_args.scale", "[96, 64]", "--data.init_args.batch_size", "2",
-                      *[a for k, v in small.items() for a in (f"--model.init_args.detector.init_args.{k}", v)]]
+        return root, [
+            "--data.init_args.scale",
+            "[96, 64]",
+            "--data.init_args.batch_size",
+            "2",
+            *[a for k, v in small.items() for a in (f"--model.init_args.detector.init_args.{k}", v)],
+        ]
     root = make_mask_folders(tmp / "mine", num_train=4, num_val=2, image_size=(80, 64))
-    head = {"fpn": {"fpn_channels": "16", "head_channels": "16"}, "upernet": {"head_channels": "16", "aux_channels": "8"}}
-    return root, ["--data.init_args.classes", str(root / "classes.txt"), "--data.init_args.scale", "[128, 64]",
-                  "--data.init_args.crop_size", "[64, 64]", "--data.init_args.batch_size", "2",
-                  "--model.init_args.backbone_overrides", json.dumps(TINY),
-                  *[a for k, v in head[config].items() for a in (f"--model.init_args.segmentor.init_args.{k}", v)]]
+    head = {
+        "fpn": {"fpn_channels": "16", "head_channels": "16"},
+        "upernet": {"head_channels": "16", "aux_channels": "8"},
+    }
+    return root, [
+        "--data.init_args.classes",
+        str(root / "classes.txt"),
+        "--data.init_args.scale",
+        "[128, 64]",
+        "--data.init_args.crop_size",
+        "[64, 64]",
+        "--data.init_args.batch_size",
+        "2",
+        "--model.init_args.backbone_overrides",
+        json.dumps(TINY),
+        *[a for k, v in head[config].items() for a in (f"--model.init_args.segmentor.init_args.{k}", v)],
+    ]
 
 
 @pytest.mark.parametrize("config", ["cls", "cls_linear_probe", "maskrcnn", "faster_rcnn", "fpn", "upernet"])
@@ -79,7 +104,9 @@ def test_predict_and_resume_of_a_finished_classifier_after_the_pretrained_file_i
           "--data.init_args.num_workers", "0", *small, *CPU])  # fmt: skip
     saved = out / "lightning_logs" / "version_0" / "config.yaml"
     pretrained.unlink()
-    main(["predict", "--config", str(saved), "--ckpt_path", "last", "--data.init_args.predict_dir", str(root / "train")])
+    main(
+        ["predict", "--config", str(saved), "--ckpt_path", "last", "--data.init_args.predict_dir", str(root / "train")]
+    )
     assert "predictions for 20 images written to" in capsys.readouterr().out
     cli = main(["fit", "--config", str(saved), "--ckpt_path", "last", "--trainer.max_epochs", "2"])  # a resume
     assert cli.trainer.current_epoch == 2

@@ -27,7 +27,7 @@ from ravlt_pl.tasks.segmentation import (
     SegmentationTask,
     load_released_segmentor,
     scores_from_confusion,
-)  # fmt: skip
+)
 from ravlt_pl.tasks.segmentation_report import AUTHORS_TEST_RATIOS
 from tests.conftest import TINY
 
@@ -35,7 +35,10 @@ RECIPES = sorted(str(p) for p in Path("configs/seg").glob("*.yaml"))
 CONFIGS = RECIPES + ["configs/demo/seg.yaml"]
 NAN = float("nan")
 #: test widths of each segmentor's heads (its own init_args)
-NARROW = {"SemanticFPN": {"fpn_channels": 32, "head_channels": 32}, "UperNet": {"head_channels": 32, "aux_channels": 16}}
+NARROW = {
+    "SemanticFPN": {"fpn_channels": 32, "head_channels": 32},
+    "UperNet": {"head_channels": 32, "aux_channels": 16},
+}
 
 
 def segmentor_class(config: str) -> str:
@@ -50,7 +53,9 @@ def ade_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cli_args(config: str, root: Path, out: Path, *extra: str, narrow_heads: bool = True) -> list[str]:
     """The config with a tiny backbone, narrow heads and the tiny synthetic set, on one CPU."""
     narrow = NARROW[segmentor_class(config).rsplit(".", 1)[-1]] if narrow_heads else {}
-    heads = [arg for key, width in narrow.items() for arg in (f"--model.init_args.segmentor.init_args.{key}", str(width))]
+    heads = [
+        arg for key, width in narrow.items() for arg in (f"--model.init_args.segmentor.init_args.{key}", str(width))
+    ]
     return ["--config", config, "--model.init_args.backbone_overrides", json.dumps(TINY), *heads,
             "--data.init_args.root", str(root), "--data.init_args.num_classes", "5",
             "--data.init_args.reduce_zero_label", "true", "--data.init_args.class_names", "null",
@@ -148,7 +153,9 @@ def test_backbone_batchnorms_learn_by_default_as_in_the_authors_runs() -> None:
 
 def test_summary_size_is_the_published_flops_input() -> None:
     for segmentor in (SemanticFPN, UperNet):
-        task = SegmentationTask(num_classes=3, backbone_overrides=TINY, segmentor=partial(segmentor, head_channels=16)).eval()
+        task = SegmentationTask(
+            num_classes=3, backbone_overrides=TINY, segmentor=partial(segmentor, head_channels=16)
+        ).eval()
         assert task.summary_input_size == (512, 2048)
         assert task.flops_forward(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
 
@@ -172,12 +179,18 @@ def test_validate_report_and_predict_masks(ade_root: Path, tmp_path: Path) -> No
     main(["validate", *cli_args(config, ade_root, tmp_path, *tta)])
     data = json.loads((tmp_path / "report/segmentation_val.json").read_text())
     assert data["inference"] == {"mode": "slide", "scales": [0.75, 1.0], "flip": True}
-    assert data["segmentor"] == "UperNet" and data["weights"].startswith("the weights the config builds (no checkpoint given")
+    assert data["segmentor"] == "UperNet" and data["weights"].startswith(
+        "the weights the config builds (no checkpoint given"
+    )
     assert len(data["per_class"]) == 5 and {"mIoU", "mAcc", "aAcc"} <= data.keys()
     fractions = [data[k] for k in ("mIoU", "mAcc", "aAcc")] + [r[k] for r in data["per_class"] for k in ("IoU", "Acc")]
     assert all(v is None or (0 <= v <= 1 and v == round(v, 4)) for v in fractions)
     markdown = (tmp_path / "report/segmentation_val.md").read_text()
-    assert "| class | IoU | Acc |" in markdown and "class 4" in markdown and "Weights: the weights the config builds" in markdown
+    assert (
+        "| class | IoU | Acc |" in markdown
+        and "class 4" in markdown
+        and "Weights: the weights the config builds" in markdown
+    )
     cells = re.findall(r"\| ([\d.-]+) (?=\|)", markdown)
     assert len(cells) == 3 + 2 * 5 and all(c == "-" or re.fullmatch(r"[01]\.\d{4}", c) for c in cells)
     assert Image.open(tmp_path / "report/segmentation_val_grid.png").size[0] > 100
@@ -192,7 +205,14 @@ def test_validate_report_and_predict_masks(ade_root: Path, tmp_path: Path) -> No
 
 def test_reports_name_the_weights_they_measured(ade_root: Path, tmp_path: Path) -> None:
     config = "configs/demo/seg.yaml"
-    main(["fit", *cli_args(config, ade_root, tmp_path / "fit", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2")])
+    main(
+        [
+            "fit",
+            *cli_args(
+                config, ade_root, tmp_path / "fit", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"
+            ),
+        ]
+    )
     fit_report = json.loads(next((tmp_path / "fit").rglob("reports/fit/segmentation_val.json")).read_text())
     assert fit_report["weights"].startswith("this fit's weights at optimizer step 2, ")
     checkpoint = next((tmp_path / "fit").rglob("*.ckpt"))
@@ -249,12 +269,21 @@ def test_recipe_builds_its_segmentor_and_weight_decay_as_the_authors(config: str
         assert not names
     else:
         assert names == {n for n, _ in model.named_parameters() if "norm" in n}
-        assert "backbone.layers.0.blocks.0.norm1.norm.weight" in names and "backbone.layers.0.downsample.norm.bias" in names
+        assert (
+            "backbone.layers.0.blocks.0.norm1.norm.weight" in names
+            and "backbone.layers.0.downsample.norm.bias" in names
+        )
         decayed = set(dict(model.named_parameters())) - names
-        assert {"backbone.layers.0.blocks.0.gamma_1", "decode_head.bottleneck.1.weight", "backbone.layers.0.blocks.0.attn.proj.bias"} <= decayed
+        assert {
+            "backbone.layers.0.blocks.0.gamma_1",
+            "decode_head.bottleneck.1.weight",
+            "backbone.layers.0.blocks.0.attn.proj.bias",
+        } <= decayed
 
 
-def mmseg_poly_lr(step: int, total: int, lr: float, min_lr: float, power: float, warmup: int, warmup_ratio: float) -> float:
+def mmseg_poly_lr(
+    step: int, total: int, lr: float, min_lr: float, power: float, warmup: int, warmup_ratio: float
+) -> float:
     """mmcv's ``PolyLrUpdaterHook`` with its linear warmup, as the authors' configs set it."""
     regular = (lr - min_lr) * (1 - step / total) ** power + min_lr
     return regular * (1 - (1 - step / warmup) * (1 - warmup_ratio)) if step < warmup else regular

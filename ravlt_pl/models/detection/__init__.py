@@ -9,7 +9,7 @@ from .detectors import (
     anchors,
     dummy_forward,
     rescale_detections,
-)  # fmt: skip
+)
 from .faster_rcnn import RAVLTFasterRCNN
 from .rcnn_rules import DeltaXYWHCoder, MmdetAnchorGenerator, MmdetRoIAlign, MmdetRPN, batched_nms, paste_masks
 from .retinanet import RAVLTRetinaNet

@@ -19,7 +19,7 @@ from torchvision.ops.feature_pyramid_network import (
     FeaturePyramidNetwork,
     LastLevelMaxPool,
     LastLevelP6P7,
-)  # fmt: skip
+)
 
 from ..ravlt import RAVLT
 from ..variants import build_backbone

@@ -43,7 +43,7 @@ from .rcnn_rules import (
     add_masks,
     class_detections,
     scale_factor,
-)  # fmt: skip
+)
 
 STAGE_IOUS = (0.5, 0.6, 0.7)
 STAGE_LOSS_WEIGHTS = (1.0, 0.5, 0.25)
@@ -60,8 +60,13 @@ class CascadeBoxPredictor(FastRCNNPredictor):
             self.bbox_pred = nn.Linear(in_channels, 4)
 
 
-def conv_fc_box_head(in_channels: int = 256, resolution: int = 7, conv_channels: int = 256,
-                     num_convs: int = 4, representation_size: int = 1024) -> FastRCNNConvFCHead:
+def conv_fc_box_head(
+    in_channels: int = 256,
+    resolution: int = 7,
+    conv_channels: int = 256,
+    num_convs: int = 4,
+    representation_size: int = 1024,
+) -> FastRCNNConvFCHead:
     """The published "4 conv with BN + 1 fc" box head (torchvision's ``FastRCNNConvFCHead``)."""
     return FastRCNNConvFCHead((in_channels, resolution, resolution), [conv_channels] * num_convs,
                               [representation_size], norm_layer=nn.BatchNorm2d)  # fmt: skip
@@ -225,10 +230,17 @@ class CascadeRoIHeads(nn.Module):
         results = [
             class_detections(F.softmax(lg, -1), b, s, f, self.score_thresh, self.nms_thresh, self.detections_per_img)
             for lg, b, s, f in zip(logits.split(counts), boxes.split(counts), image_sizes, factors)
-        ]  # fmt: skip
+        ]
         if self.has_mask():
-            add_masks(results, features, self.stages[0].mask_roi_pool,
-                      [(s.mask_head, s.mask_predictor) for s in self.stages], image_sizes, factors, original_sizes)
+            add_masks(
+                results,
+                features,
+                self.stages[0].mask_roi_pool,
+                [(s.mask_head, s.mask_predictor) for s in self.stages],
+                image_sizes,
+                factors,
+                original_sizes,
+            )
         return results
 
     def detect(self, features, proposals, image_shapes) -> list[dict[str, Tensor]]:

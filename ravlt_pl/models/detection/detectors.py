@@ -44,7 +44,7 @@ from .rcnn_rules import (
     add_masks,
     class_detections,
     scale_factor,
-)  # fmt: skip
+)
 
 #: mmdet's ``target_stds`` of the Mask R-CNN box head (torchvision's weights 10, 10, 5, 5)
 BOX_STDS = (0.1, 0.1, 0.2, 0.2)

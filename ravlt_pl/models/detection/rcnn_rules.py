@@ -145,7 +145,6 @@ class MmdetRPN(RegionProposalNetwork):
             dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n), rpn.nms_thresh, rpn.score_thresh, **kwargs,
         )  # fmt: skip
 
-
     def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
         num_images = proposals.shape[0]
         objectness = objectness.detach().reshape(num_images, -1)

@@ -26,7 +26,7 @@ _NECK_RPN = (
     (r"rpn_head\.rpn_conv\.", "rpn.head.conv.0.0."),
     (r"rpn_head\.rpn_cls\.", "rpn.head.cls_logits."),
     (r"rpn_head\.rpn_reg\.", "rpn.head.bbox_pred."),
-)  # fmt: skip
+)
 
 
 def _mask_head(src: str, dst: str, conv_group: int = 1) -> tuple[tuple[str, str], ...]:
@@ -34,11 +34,14 @@ def _mask_head(src: str, dst: str, conv_group: int = 1) -> tuple[tuple[str, str]
         (src + r"convs\.(\d+)\.conv\.", dst + f"mask_head.\\{conv_group}.0."),
         (src + r"upsample\.", dst + "mask_predictor.conv5_mask."),
         (src + r"conv_logits\.", dst + "mask_predictor.mask_fcn_logits."),
-    )  # fmt: skip
+    )
 
 
 def _box_outputs(src: str, dst: str) -> tuple[tuple[str, str], ...]:
-    return ((src + r"fc_cls\.", dst + "box_predictor.cls_score."), (src + r"fc_reg\.", dst + "box_predictor.bbox_pred."))
+    return (
+        (src + r"fc_cls\.", dst + "box_predictor.cls_score."),
+        (src + r"fc_reg\.", dst + "box_predictor.bbox_pred."),
+    )
 
 
 MASK_RCNN_KEYS = (
@@ -47,7 +50,7 @@ MASK_RCNN_KEYS = (
     (r"roi_head\.bbox_head\.shared_fcs\.1\.", "roi_heads.box_head.fc7."),
     *_box_outputs(r"roi_head\.bbox_head\.", "roi_heads."),
     *_mask_head(r"roi_head\.mask_head\.", "roi_heads."),
-)  # fmt: skip
+)
 # torchvision's FastRCNNConvFCHead: convs 0..3 (conv, BN), Flatten (4), Linear (5): the fc's index is filled in
 CASCADE_KEYS = (
     *_NECK_RPN,
@@ -56,7 +59,7 @@ CASCADE_KEYS = (
     (r"roi_head\.bbox_head\.(\d+)\.shared_fcs\.0\.", r"roi_heads.stages.\1.box_head.{fc}."),
     *_box_outputs(r"roi_head\.bbox_head\.(\d+)\.", r"roi_heads.stages.\1."),
     *_mask_head(r"roi_head\.mask_head\.(\d+)\.", r"roi_heads.stages.\1.", conv_group=2),
-)  # fmt: skip
+)
 
 
 def _background_first(key: str, value: Tensor) -> Tensor:

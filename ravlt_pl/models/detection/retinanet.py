@@ -97,7 +97,11 @@ class MMDetAnchorGenerator(AnchorGenerator):
 
 
 def retina_head(
-    in_channels: int, num_anchors: int, num_classes: int, feat_channels: int, stacked_convs: int,
+    in_channels: int,
+    num_anchors: int,
+    num_classes: int,
+    feat_channels: int,
+    stacked_convs: int,
     prior_probability: float = 0.01,
 ) -> RetinaNetHead:
     """torchvision's ``RetinaNetHead`` (its losses, output layout a·K + c) with mmdet's tower width and depth."""

@@ -24,7 +24,9 @@ class PyramidPoolingModule(nn.ModuleList):
 
     def __init__(self, pool_scales: Sequence[int], in_channels: int, channels: int, norm_layer: NormLayer) -> None:
         super().__init__(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), Conv2dNormActivation(in_channels, channels, 1, norm_layer=norm_layer))
+            nn.Sequential(
+                nn.AdaptiveAvgPool2d(s), Conv2dNormActivation(in_channels, channels, 1, norm_layer=norm_layer)
+            )
             for s in pool_scales
         )
 
