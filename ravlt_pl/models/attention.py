@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Literal, NamedTuple
 
 import torch
@@ -19,6 +18,7 @@ from timm.layers import register_notrace_module
 from torch import nn
 
 from . import fast as fast_kernels
+from .rope import apply_rope, autocast_off, rope_tables
 
 AttentionType = Literal["linear", "softmax"]
 
@@ -30,18 +30,6 @@ class RopeTables(NamedTuple):
     sin: torch.Tensor
     cos: torch.Tensor
     forms: fast_kernels.RotationForms | None = None
-
-
-def rope_tables(angle: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sin, cos)`` of shape ``(H*W, d)``: the first half of each row encodes the row index h, the
-    second half the column w (tokens row-major, h outer)."""
-    rows = torch.arange(height, device=angle.device, dtype=angle.dtype)[:, None] * angle  # (H, d/2)
-    cols = torch.arange(width, device=angle.device, dtype=angle.dtype)[:, None] * angle  # (W, d/2)
-    half = angle.numel()
-    phase = torch.cat(
-        [rows[:, None, :].expand(height, width, half), cols[None, :, :].expand(height, width, half)], dim=-1
-    ).reshape(height * width, 2 * half)  # (N, d)
-    return phase.sin(), phase.cos()
 
 
 @register_notrace_module  # torch.fx: the size-keyed cache is Python control flow
@@ -92,26 +80,6 @@ class RotaryTable(nn.Module):
         else:
             self._cache.move_to_end(key)
         return tables
-
-
-def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
-    """``(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)`` along the last axis."""
-    pairs = x.unflatten(-1, (-1, 2))
-    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-
-
-def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """RoPE: ``rot(x) = x * cos + rotate_every_two(x) * sin``."""
-    return x * cos + rotate_every_two(x) * sin
-
-
-def autocast_off(x: torch.Tensor):
-    """Autocast disabled for the attention arithmetic; no context at all where autocast is off, so
-    ``torch.export`` graphs hold plain aten ops and no autocast region (and meta tensors, which
-    have no autocast, work)."""
-    device = x.device.type
-    autocasting = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    return torch.autocast(device, enabled=False) if autocasting else nullcontext()
 
 
 class _GatedAttention(nn.Module):

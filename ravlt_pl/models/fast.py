@@ -36,6 +36,8 @@ from timm.layers import DropPath
 from torch import nn
 from torch.utils import flop_counter
 
+from .rope import autocast_off, rope_tables
+
 
 def use_fast_path() -> bool:
     """The default of every module's ``fast`` switch: ``RAVLT_FAST_PATH`` unset or not ``0``."""
@@ -186,8 +188,6 @@ def build_rope_tables(angle: torch.Tensor, height: int, width: int) -> tuple[tor
     recomputes them per element (a third of the compiled linear-attention kernels' time on CPU).
     A new operator in this package's own namespace; the reference path never calls it.
     """
-    from .attention import rope_tables  # the reference construction (attention imports this module)
-
     return rope_tables(angle, height, width)
 
 
@@ -291,8 +291,6 @@ def linear_attention(attn: nn.Module, x: torch.Tensor, sin: torch.Tensor, cos: t
     Under autocast the feature maps, re-weighting, normaliser, RoPE and both products run in float32;
     ``qkvo``, ``lepe`` and ``proj`` in the autocast dtype.
     """
-    from .attention import autocast_off  # (attention imports this module)
-
     d, heads = attn.head_dim, attn.num_heads
     qk, v, o, lepe = _split(attn, x)
     n_tokens = v.shape[1]
@@ -333,8 +331,6 @@ def softmax_attention(attn: nn.Module, x: torch.Tensor, sin: torch.Tensor, cos: 
     Under CUDA autocast SDPA runs in the autocast dtype (its flash kernels); elsewhere in float32.
     RoPE is computed in float32 either way.
     """
-    from .attention import autocast_off  # (attention imports this module)
-
     heads = (attn.num_heads, attn.head_dim)
     qk, v, o, lepe = _split(attn, x)
     device = x.device.type
