@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from ravlt_pl.models.checkpoint import CheckpointError
+from ravlt_pl.models.detection.rcnn_rules import batched_nms
 from ravlt_pl.models.detection.released_retinanet import retinanet
-from ravlt_pl.models.detection.retinanet import RAVLTRetinaNet, batched_nms_mmcv
+from ravlt_pl.models.detection.retinanet import RAVLTRetinaNet
 from ravlt_pl.models.released import load_converted
 
 from ..conftest import FIXTURES
@@ -151,10 +152,10 @@ def test_forward_at_input_scale_gives_the_same_detections_as_the_authors_rule(fi
 def test_mmcv_nms_keeps_classes_apart_and_loops_over_them_from_10000_candidates():
     boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [0, 0, 10, 10]])
     scores, labels = torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0, 0, 1])
-    assert batched_nms_mmcv(boxes, scores, labels, 0.5).tolist() == [0, 2]
+    assert batched_nms(boxes, scores, labels, 0.5).tolist() == [0, 2]
     many = boxes.repeat(4000, 1) + (torch.arange(12000.0) * 20)[:, None]  # 12000 disjoint boxes
     many_scores, many_labels = torch.rand(12000), torch.arange(12000) % 3
-    keep = batched_nms_mmcv(many, many_scores, many_labels, 0.5)  # all kept, by descending score
+    keep = batched_nms(many, many_scores, many_labels, 0.5)  # all kept, by descending score
     assert len(keep) == 12000 and torch.equal(keep, many_scores.argsort(descending=True))
 
 

@@ -97,20 +97,22 @@ class DeltaXYWHCoder(BoxCoder):
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """mmcv 1.x ``batched_nms``: indices kept, by descending score, NMS separately per ``idxs`` value.
 
-    Written out because torchvision's switches strategy at another size (4000 coordinates on CPU) and
-    the coordinate-offset trick rounds IoUs differently from one class at a time.
+    Boxes of different classes are shifted apart by more than the largest coordinate (coordinates are
+    clipped to >= 0), so one NMS call gives per-class NMS; from :data:`NMS_SPLIT` candidates on, mmcv
+    runs one call per class on the same shifted boxes instead, and so does this function, except while
+    being exported. Written out because torchvision's ``batched_nms`` switches strategy at another size
+    (4000 coordinates on CPU) and its offsets round IoUs differently.
     """
-    if boxes.numel() == 0:
-        return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    if len(boxes) < NMS_SPLIT:
-        offsets = idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
-        return nms(boxes + offsets[:, None], scores, iou_threshold)
-    kept = torch.zeros(len(scores), dtype=torch.bool, device=scores.device)
+    largest = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()  # an empty input too (exported graphs)
+    offset_boxes = boxes + (idxs.to(boxes) * (largest + 1))[:, None]
+    if torch.compiler.is_exporting() or len(boxes) < NMS_SPLIT:
+        return nms(offset_boxes, scores, iou_threshold)
+    kept = torch.zeros_like(scores, dtype=torch.bool)
     for value in torch.unique(idxs):
-        members = torch.where(idxs == value)[0]
-        kept[members[nms(boxes[members], scores[members], iou_threshold)]] = True
-    keep = torch.where(kept)[0]
-    return keep[scores[keep].sort(descending=True)[1]]
+        members = (idxs == value).nonzero().view(-1)
+        kept[members[nms(offset_boxes[members], scores[members], iou_threshold)]] = True
+    keep = kept.nonzero().view(-1)
+    return keep[scores[keep].sort(descending=True).indices]
 
 
 class MmdetRPN(RegionProposalNetwork):

@@ -29,16 +29,14 @@ from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.ops import nms
 from torchvision.ops.misc import Conv2dNormActivation
 
 from .backbone import ravlt_fpn
 from .detectors import PresizedTransform
+from .rcnn_rules import batched_nms
 
 #: mmdet ``DeltaXYWHBBoxCoder``'s clamp of dw/dh: ``|log(wh_ratio_clip)|`` with ``wh_ratio_clip = 16/1000``.
 MAX_LOG_RATIO = float(np.abs(np.log(16 / 1000)))
-#: mmcv ``batched_nms``: from this many candidates on, NMS runs one class at a time.
-NMS_SPLIT_THRESHOLD = 10000
 
 
 class MMDetAnchorGenerator(AnchorGenerator):
@@ -133,25 +131,6 @@ def decode_boxes(deltas: Tensor, anchors: Tensor, image_size: tuple[int, int]) -
     return torch.stack([x1, y1, x2, y2], dim=-1)
 
 
-def batched_nms_mmcv(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:
-    """mmcv 1.x ``batched_nms``: kept indices by descending score, classes kept apart by coordinate offsets.
-
-    Boxes of different classes are shifted apart by more than the largest coordinate, so one NMS call
-    gives per-class NMS. From :data:`NMS_SPLIT_THRESHOLD` candidates on, mmcv runs one call per class
-    instead (faster; the same boxes kept); so does this function, except while being exported.
-    """
-    largest = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()  # coordinates are clipped to >= 0
-    offset_boxes = boxes + (labels.to(boxes) * (largest + 1))[:, None]
-    if torch.compiler.is_exporting() or len(boxes) < NMS_SPLIT_THRESHOLD:
-        return nms(offset_boxes, scores, iou_threshold)
-    kept = torch.zeros_like(scores, dtype=torch.bool)
-    for label in torch.unique(labels):
-        members = (labels == label).nonzero().view(-1)
-        kept[members[nms(offset_boxes[members], scores[members], iou_threshold)]] = True
-    keep = kept.nonzero().view(-1)
-    return keep[scores[keep].sort(descending=True).indices]
-
-
 def mmdet_detections(
     cls_logits: Sequence[Tensor],
     box_deltas: Sequence[Tensor],
@@ -181,7 +160,7 @@ def mmdet_detections(
     box = box / box.new_tensor([w_scale, h_scale, w_scale, h_scale])
     candidate, label = (score > score_thresh).nonzero(as_tuple=True)  # (anchor, class) pairs, anchor-major
     box, score = box[candidate], score[candidate, label]
-    keep = batched_nms_mmcv(box, score, label, nms_thresh)[:max_per_img]
+    keep = batched_nms(box, score, label, nms_thresh)[:max_per_img]
     return {"boxes": box[keep], "scores": score[keep], "labels": label[keep]}
 
 
