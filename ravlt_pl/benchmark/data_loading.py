@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, default_collate
 
+from .pipelines import OneWorker
+
 FORMATS = ("folder", "wds", "parquet")
 SOURCE_SIZE = (500, 375)  # ImageNet's typical JPEG
 PER_CLASS = 20  # training images per class (5 classes)
@@ -51,7 +53,7 @@ def formatted_sets(root: Path) -> dict[str, Path]:
 
 
 class RetriedTransform:
-    """Retries a transform that raises, counting it (runner.CountingDataset's rule, for streams too):
+    """Retries a transform that raises, counting it (pipelines.CountingDataset's rule, for streams too):
     timm's RandAugment ``inc1`` posterize at magnitude 10 asks Pillow for 0 bits, which it refuses."""
 
     def __init__(self, transform, tries: int = 5) -> None:
@@ -146,15 +148,13 @@ def loader_rate(dataset, batch: int, workers: int, seconds: float) -> float:
 
 def benchmark_formats(args, feed_img_s: dict[str, float]) -> dict:
     """The three formats' read, per-worker and loader rates (see the module doc)."""
-    from .runner import _OneWorker
-
     batch = 8
     paths = formatted_sets(args.out / "synthetic_formats")
     sets = training_sets(paths, batch)
     sources = {name: items(ds) for name, ds in sets.items()}
     reads = {name: raw_reads(name, path) for name, path in paths.items()}
     samples = {name: {"img_s": [], "cpu_img_s": [], "read_img_s": [], "read_mb_s": []} for name in sets}
-    with _OneWorker():
+    with OneWorker():
         for name in sets:  # warm-up: page cache, lazy imports
             timed(sources[name], 0.0, batch)
             timed(reads[name], 0.0, None)

@@ -12,15 +12,20 @@ One model per process, so one model's freed-but-kept memory does not lower the n
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from .options import OptionParser
+from .zoo import build_model
+
+PROG = "python -m ravlt_pl.benchmark.train_memory"
 
 
 def _status_kb(field: str) -> int:
@@ -79,31 +84,39 @@ def measure_in_subprocess(model: str, resolution: int, batch_size: int, device: 
     return json.loads(done.stdout.strip().splitlines()[-1])["train_peak_mb"]
 
 
-def main(argv=None) -> dict:
-    from .runner import build_model
-
-    p = argparse.ArgumentParser(prog="python -m ravlt_pl.benchmark.train_memory", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="a name python -m ravlt_pl benchmark --models accepts")
-    p.add_argument("--resolution", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16 via autocast")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+def build_parser() -> OptionParser:
+    p = OptionParser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=str, required=True, help="a name python -m ravlt_pl benchmark --models accepts")
+    p.add_argument("--resolution", type=int, default=224, help="square input side (px)")
+    p.add_argument("--batch-size", type=int, default=16, help="training batch")
+    p.add_argument("--device", type=Literal["cpu", "cuda"], default="cpu", help="where the step runs")
+    p.add_argument("--dtype", type=Literal["float32", "bfloat16"], default="float32", help="bfloat16 via autocast")
+    p.add_argument("--threads", type=int | None, default=None, help="torch.set_num_threads")
     p.add_argument("--grad-checkpointing", action="store_true", help="model.set_grad_checkpointing(True)")
     p.add_argument(
         "--no-selective-recompute",
         action="store_true",
         help="RAVLT: model.set_selective_recompute(False) (autograd keeps every activation)",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build_model(args.model).to(device)
+    try:
+        model = build_model(args.model).to(device)
+    except RuntimeError as err:  # timm: "Unknown model (name)"
+        parser.error(f"--model {args.model!r}: {err}")
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if args.no_selective_recompute:
+        if not hasattr(model, "set_selective_recompute"):
+            parser.error(f"--no-selective-recompute: {args.model!r} has no selective recompute (RAVLT only)")
         model.set_selective_recompute(False)
     mb, wall, cpu = training_step_peak_mb(model, args.resolution, args.batch_size, device, args.dtype)
     result = {"model": args.model, "resolution": args.resolution, "batch_size": args.batch_size,

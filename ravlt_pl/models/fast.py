@@ -22,7 +22,7 @@ In training, what autograd keeps of a fast-path block is cut down by :mod:`ravlt
 (the GEMM outputs only; the elementwise work above is recomputed in backward).
 
 The fused oneDNN convolution is a private ATen op that ``torch.utils.flop_counter`` does not know;
-count FLOPs inside :func:`flop_counting`, which knows it.
+count FLOPs inside :func:`flop_counting`, which knows it (:mod:`ravlt_pl.flops` counts through it).
 """
 
 from __future__ import annotations
@@ -55,10 +55,24 @@ def _conv_pointwise_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> 
     return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
 
 
+def _sdpa_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+def _sdpa_backward_flops(grad_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_shape, q_shape, k_shape, v_shape)
+
+
 def flop_counting(**kwargs) -> flop_counter.FlopCounterMode:
-    """A ``FlopCounterMode`` (same arguments) that also counts the fused oneDNN conv+GELU as a conv."""
-    fused = _mkldnn_conv_pointwise()
-    mapping = {fused: _conv_pointwise_flops} if fused is not None else {}
+    """A ``FlopCounterMode`` (same arguments) that also counts the ops it does not know: the fused oneDNN
+    conv+GELU as a conv, and SDPA's CPU flash kernel (forward and backward) as the other SDPA kernels."""
+    aten = torch.ops.aten
+    mapping = {
+        aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops,
+    }
+    if (fused := _mkldnn_conv_pointwise()) is not None:
+        mapping[fused] = _conv_pointwise_flops
     return flop_counter.FlopCounterMode(custom_mapping={**mapping, **kwargs.pop("custom_mapping", {})}, **kwargs)
 
 

@@ -7,7 +7,7 @@ import timm
 import torch
 
 import ravlt_pl  # noqa: F401  (registers ravlt_* with timm)
-from ravlt_pl.benchmark.reference_ravlt import ReferenceRAVLT
+from ravlt_pl.benchmark.authors_reference import ReferenceRAVLT
 from ravlt_pl.models import RAVLT, RotaryTable, load_official
 from ravlt_pl.models.rope import rotate_every_two
 from tests.conftest import FIXTURES, TINY, rel_err

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch.utils.flop_counter import FlopCounterMode
 
-from ravlt_pl.benchmark.reference_ravlt import ReferenceRAVLT
+from ravlt_pl.benchmark.authors_reference import ReferenceRAVLT
 from ravlt_pl.models import RAVLT, RotaryTable
 from ravlt_pl.models.attention import SoftmaxAttention, apply_rope
 from ravlt_pl.models.fast import (

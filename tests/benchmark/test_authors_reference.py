@@ -1,11 +1,11 @@
-"""The plain reference RAVLT (ravlt_pl/benchmark/reference_ravlt.py) against the authors' outputs."""
+"""The authors'-arithmetic reference RAVLT (ravlt_pl/benchmark/authors_reference.py) against the authors' outputs."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from ravlt_pl.benchmark.reference_ravlt import ReferenceRAVLT, reference_ravlt_s, reference_ravlt_t
+from ravlt_pl.benchmark.authors_reference import ReferenceRAVLT, reference_ravlt_s, reference_ravlt_t
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

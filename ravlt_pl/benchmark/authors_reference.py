@@ -1,7 +1,9 @@
-"""A plain, unoptimised RAVLT written straight from ``docs/architecture.md``.
+"""The authors' RAVLT as written: their layout and arithmetic, unoptimised, from ``docs/architecture.md``.
 
-This module is the speed benchmark's baseline and a second, independent oracle for the
-optimised model in ``ravlt_pl.models``. It is written for readability, not speed:
+Two users, which is why it lives in the package: the speed benchmark builds it at run time for its
+``ravlt_t_reference`` / ``ravlt_s_reference`` rows (:mod:`ravlt_pl.benchmark.zoo`), and the tests use it as
+the second, independent oracle for the optimised model in ``ravlt_pl.models`` (it reproduces the authors'
+outputs, ``tests/benchmark/test_authors_reference.py``). It is written for readability, not speed:
 
 * the RoPE sin/cos tables are recomputed for every block's attention call (no cache);
 * every layout change is an explicit ``permute``/``reshape``;

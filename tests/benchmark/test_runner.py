@@ -1,4 +1,4 @@
-"""Smoke test of the speed benchmark runner (ravlt_pl/benchmark/runner.py) with tiny settings."""
+"""The speed benchmark end to end (ravlt_pl/benchmark/runner.py) with tiny settings."""
 
 import json
 
