@@ -1,1 +1,4 @@
-"""Speed benchmark (``python -m ravlt_pl benchmark``) and the plain reference RAVLT it compares against."""
+"""Speed benchmark (``python -m ravlt_pl benchmark``) and the authors'-arithmetic RAVLT it compares against.
+
+``docs/benchmark.md`` lists the modules and what each measures.
+"""
