@@ -24,6 +24,7 @@ from ravlt_pl.models.detection import (
     batched_nms,
     conv_fc_box_head,
     dummy_forward,
+    mmdet_boxes,
     paste_masks,
     ravlt_fpn,
     rcnn_rules,
@@ -306,7 +307,7 @@ def test_batched_nms_gives_the_same_above_mmcvs_split_size(monkeypatch):
     boxes = torch.cat([boxes, boxes + torch.rand(300, 2) * 20 + 1], 1)
     scores, idxs = torch.rand(300), torch.randint(0, 4, (300,))
     offsets = batched_nms(boxes, scores, idxs, 0.5)
-    monkeypatch.setattr(rcnn_rules, "NMS_SPLIT", 10)
+    monkeypatch.setattr(mmdet_boxes, "NMS_SPLIT", 10)
     torch.testing.assert_close(batched_nms(boxes, scores, idxs, 0.5), offsets)
 
 

@@ -35,9 +35,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import generalized_box_iou_loss
 
+from .mmdet_boxes import DeltaXYWHCoder, MmdetAnchorGenerator
 from .rcnn_rules import (
-    DeltaXYWHCoder,
-    MmdetAnchorGenerator,
     MmdetRoIAlign,
     MmdetRPN,
     add_masks,

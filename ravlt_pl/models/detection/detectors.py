@@ -35,10 +35,9 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 
 from .backbone import ravlt_fpn
 from .cascade import CascadeMaskRCNN, CascadeRoIHeads
+from .mmdet_boxes import DeltaXYWHCoder, MmdetAnchorGenerator
 from .rcnn_rules import (
-    DeltaXYWHCoder,
     L1RoIHeads,
-    MmdetAnchorGenerator,
     MmdetRoIAlign,
     MmdetRPN,
     add_masks,
