@@ -40,8 +40,9 @@ from .rcnn_rules import (
     L1RoIHeads,
     MmdetRoIAlign,
     MmdetRPN,
-    add_masks,
     class_detections,
+    mask_probabilities,
+    paste_masks_into,
     scale_factor,
 )
 
@@ -137,23 +138,33 @@ class RAVLTTwoStage(FasterRCNN):
         image_sizes = [tuple(int(v) for v in s) for s in image_sizes]
         features = self.backbone(batch)
         proposals, _ = self.rpn(ImageList(batch, image_sizes), features)
+        factors = [scale_factor(s, o, batch.device) for s, o in zip(image_sizes, original_sizes)]
+        results = self.box_detections(features, proposals, image_sizes, factors)
+        if self.roi_heads.has_mask():
+            paste_masks_into(results, self.mask_probabilities(features, results, image_sizes, factors), factors,
+                             original_sizes)  # fmt: skip
+        return results
+
+    def box_detections(self, features, proposals: list[Tensor], image_sizes, factors) -> list[dict[str, Tensor]]:
+        """Per image the authors' detections from its RPN ``proposals``: ``boxes`` divided by ``factors[i]``."""
         heads = self.roi_heads
         logits, deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, proposals, image_sizes)))
         # mmdet zeroes the outputs of every RoI with y2 == 0 (meant for its batch padding: no detection)
         empty = torch.cat(proposals)[:, 3:4] == 0
         logits, deltas = logits.masked_fill(empty, 0), deltas.masked_fill(empty, 0)
         boxes = heads.box_coder.decode(deltas, proposals)  # (N, K+1, 4) at input scale
-        factors = [scale_factor(s, o, batch.device) for s, o in zip(image_sizes, original_sizes)]
-        counts = [len(p) for p in proposals]
-        results = [
+        counts = [p.shape[0] for p in proposals]  # sizes, symbolic while exporting
+        return [
             class_detections(F.softmax(lg, -1), b, size, f, heads.score_thresh, heads.nms_thresh,
                              heads.detections_per_img)
             for lg, b, size, f in zip(logits.split(counts), boxes.split(counts), image_sizes, factors)
         ]  # fmt: skip
-        if heads.has_mask():
-            add_masks(results, features, heads.mask_roi_pool, [(heads.mask_head, heads.mask_predictor)],
-                      image_sizes, factors, original_sizes)  # fmt: skip
-        return results
+
+    def mask_probabilities(self, features, results: list[dict[str, Tensor]], image_sizes, factors) -> Tensor:
+        """(N, 28, 28) mask probabilities of every image's detections, in order (see :func:`.rcnn_rules.mask_probabilities`)."""
+        heads = self.roi_heads
+        return mask_probabilities(results, features, heads.mask_roi_pool, [(heads.mask_head, heads.mask_predictor)],
+                                  image_sizes, factors)  # fmt: skip
 
 
 class RAVLTMaskRCNN(RAVLTTwoStage, MaskRCNN):

@@ -117,14 +117,14 @@ class MmdetRoIAlign(nn.Module):
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes=None) -> Tensor:
         feats = [x[name] for name in self.featmap_names]
-        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
+        rois = torch.cat([torch.cat([b.new_full((b.shape[0], 1), i), b], dim=1) for i, b in enumerate(boxes)])
         scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
         levels = torch.floor(torch.log2(scale / self.finest_scale + 1e-6)).clamp(0, len(feats) - 1).long()
         size = (self.output_size, self.output_size)
-        out = feats[0].new_zeros(len(rois), feats[0].shape[1], *size)
+        out = feats[0].new_zeros(rois.shape[0], feats[0].shape[1], *size)
         for i, (feat, stride) in enumerate(zip(feats, self.strides)):
             members = torch.where(levels == i)[0]
-            if len(members):
+            if torch.compiler.is_exporting() or len(members):  # exported: no data-dependent branch
                 pooled = roi_align(feat, rois[members].to(feat.dtype), size, 1.0 / stride, 0, True)
                 out[members] = pooled.to(out.dtype)
         return out  # (N, C, s, s)
@@ -147,33 +147,35 @@ def class_detections(probs: Tensor, boxes: Tensor, image_size: Sequence[int], fa
     num_classes = probs.shape[1] - 1
     boxes = box_ops.clip_boxes_to_image(boxes[:, 1:], tuple(image_size)) / factor
     scores = probs[:, 1:].reshape(-1)
-    labels = torch.arange(num_classes, device=probs.device).expand(len(probs), num_classes).reshape(-1)
+    labels = torch.arange(num_classes, device=probs.device).expand(probs.shape[0], num_classes).reshape(-1)
     keep = torch.where(scores > score_thresh)[0]
     boxes, scores, labels = boxes.reshape(-1, 4)[keep], scores[keep], labels[keep]
     keep = batched_nms(boxes, scores, labels, nms_thresh)[:max_per_img]
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
 
-def add_masks(results: list[dict[str, Tensor]], features: dict[str, Tensor], pool: nn.Module,
-              heads: Sequence[tuple[nn.Module, nn.Module]], image_sizes, factors: list[Tensor],
-              original_sizes, threshold: float = 0.5) -> None:  # fmt: skip
-    """Each detection's mask as mmdet computes it, into ``results[i]["masks"]`` ((N, H, W) bool, original size).
+def mask_probabilities(results: list[dict[str, Tensor]], features: dict[str, Tensor], pool: nn.Module,
+                       heads: Sequence[tuple[nn.Module, nn.Module]], image_sizes, factors: list[Tensor]) -> Tensor:  # fmt: skip
+    """(N, 28, 28) mask probabilities of the detections in ``results`` (all images, in order), as mmdet computes them.
 
     The boxes go back to input scale (``boxes · scale_factor``) for the 14×14 RoIAlign; each
     ``(mask_head, mask_predictor)`` pair gives (N, K+1, 28, 28) logits (background first); the
-    sigmoid maps of the detection's class are averaged over the heads (cascade: 3) and pasted.
+    sigmoid maps of the detection's class are averaged over the heads (cascade: 3).
     """
     boxes = [r["boxes"] * f for r, f in zip(results, factors)]
-    counts = [len(b) for b in boxes]
-    if sum(counts):
-        feats = pool(features, boxes, image_sizes)
-        labels = torch.cat([r["labels"] for r in results]) + 1
-        rows = torch.arange(len(labels), device=labels.device)
-        probs = sum(torch.sigmoid(predictor(head(feats))[rows, labels]) for head, predictor in heads) / len(heads)
-    else:
-        probs = features[pool.featmap_names[0]].new_zeros(0, 28, 28)
-    for r, p, b, f, size in zip(results, probs.split(counts), boxes, factors, original_sizes):
-        r["masks"] = paste_masks(p, b / f, size, threshold)
+    if not torch.compiler.is_exporting() and not sum(len(b) for b in boxes):
+        return features[pool.featmap_names[0]].new_zeros(0, 28, 28)
+    feats = pool(features, boxes, image_sizes)
+    labels = torch.cat([r["labels"] for r in results]) + 1
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    return sum(torch.sigmoid(predictor(head(feats))[rows, labels]) for head, predictor in heads) / len(heads)
+
+
+def paste_masks_into(results: list[dict[str, Tensor]], probs: Tensor, factors: list[Tensor], original_sizes,
+                     threshold: float = 0.5) -> None:  # fmt: skip
+    """Each detection's mask, pasted (:func:`paste_masks`), into ``results[i]["masks"]`` ((N, H, W) bool, original size)."""
+    for r, p, f, size in zip(results, probs.split([len(r["boxes"]) for r in results]), factors, original_sizes):
+        r["masks"] = paste_masks(p, r["boxes"] * f / f, size, threshold)  # mmdet's rounding: rescaled there and back
 
 
 def paste_masks(probs: Tensor, boxes: Tensor, size: Sequence[int], threshold: float = 0.5) -> Tensor:
