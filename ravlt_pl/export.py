@@ -6,14 +6,19 @@ Exports the network a config builds, as ONNX (``torch.onnx.export(..., dynamo=Tr
 * classification: the whole classifier, images ``(B, 3, H, W)`` → logits ``(B, classes)``;
 * segmentation: the encoder–decoder's ``whole`` inference, images → logits at the input size
   ``(B, classes, H, W)`` (softmax / argmax and test-time augmentation stay with the caller);
-* RetinaNet: the whole detector (backbone, FPN, head, anchors, box decoding, the authors' candidate
-  selection and NMS), images ``(1, 3, H, W)`` → the first ``detections_per_img`` (100) detections,
-  zero-padded: boxes ``(1, 100, 4)`` in input pixels, scores ``(1, 100)``, labels ``(1, 100)`` (−1: none).
-  One image per call; height and width dynamic from 160 (:data:`DETECTOR_LEAST`) or fixed (``--static``).
-  The graph holds one non-ATen operator, ``torchvision::nms``: a ``.pt2`` needs ``import torchvision``
-  where it is loaded; the ONNX model maps it onto ONNX ``NonMaxSuppression``;
-* other detectors: the backbone with its FPN, images → the FPN maps (``"0"``, ``"1"``, ... and the
-  extra levels), in torchvision's order. The RPN, RoI heads and NMS stay in Python.
+* RetinaNet, Faster and Mask R-CNN: the whole detector (:mod:`ravlt_pl.models.detection.whole`: backbone,
+  FPN, anchors, box decoding, the authors' candidate selection and NMS; the R-CNNs' RPN, RoIAlign, box
+  head and mask head), images ``(1, 3, H, W)`` → the first ``detections_per_img`` (100) detections,
+  zero-padded: boxes ``(1, 100, 4)`` in input pixels, scores ``(1, 100)``, labels ``(1, 100)`` (−1: none),
+  Mask R-CNN's mask probabilities ``(1, 100, 28, 28)`` in each box (pasting them, mmdet's per-box crop of
+  data-dependent size, stays with the caller: ``models.detection.paste_masks``). One image per call;
+  height and width dynamic from 160 (:data:`DETECTOR_LEAST`) or fixed (``--static``). The graph holds
+  non-ATen operators ``torchvision::nms`` and (R-CNN) ``torchvision::roi_align``: a ``.pt2`` needs
+  ``import torchvision`` where it is loaded; the ONNX model maps them onto ``NonMaxSuppression`` and
+  ``RoiAlign``. ONNX Runtime's rounding differs from PyTorch's, and on noise images that reorders an
+  R-CNN's NMS ties: pass real images (``check_images``) to compare on;
+* Cascade Mask R-CNN: the backbone with its FPN, images → the FPN maps (``"0"``, ``"1"``, ... and the
+  extra levels), in torchvision's order. The RPN, cascade stages and NMS stay in Python.
 
 Images are normalised as in training (ImageNet mean/std). The graph is plain ATen: the backbone's fast
 kernels (the ``ravlt_pl::rope_tables`` op, oneDNN fused convolutions, cached folds) are switched off
@@ -40,6 +45,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import PROG, ConfigError, resolve_config
@@ -49,7 +55,9 @@ from .lightning_cli import build_cli
 from .models import RAVLT, load_official
 from .models.checkpoint import CheckpointError, read_checkpoint
 from .models.detection.backbone import RAVLTWithFPN
+from .models.detection.detectors import RAVLTTwoStage
 from .models.detection.retinanet import RAVLTRetinaNet
+from .models.detection.whole import WholeRetinaNet, WholeTwoStage
 from .models.segmentation.segmentor import EncoderDecoder
 from .reports import atomic_write
 
@@ -57,9 +65,11 @@ ExportFormat = Literal["onnx", "pt2"]
 FORMATS: tuple[ExportFormat, ...] = ("onnx", "pt2")
 #: Height and width of every RAVLT input are multiples of the last stage's stride.
 STRIDE = 32
-#: Smallest dynamic height / width of a whole RetinaNet: P7 (stride 128) of at least 2 × 2, else the
+#: Smallest dynamic height / width of a whole detector: RetinaNet's P7 (stride 128) of at least 2 × 2, else the
 #: traced graph is specialised to a one-cell level.
 DETECTOR_LEAST = 5 * STRIDE
+#: The non-ATen operators a whole detector's graph holds (``import torchvision`` registers them where a .pt2 loads)
+DETECTOR_OPERATORS = ("torchvision.nms.default", "torchvision.roi_align.default")
 
 
 class ExportError(RuntimeError):
@@ -77,29 +87,6 @@ class WholeImageSegmentor(nn.Module):
         return self.segmentor.encode_decode(images)  # (B, classes, H, W)
 
 
-class WholeRetinaNet(nn.Module):
-    """A RetinaNet's whole inference as ``forward``: normalised images (B, 3, H, W) → per image its first
-    ``detections_per_img`` detections, zero-padded to that count (fixed output shapes, for ONNX too):
-    boxes (B, N, 4) xyxy in input pixels (clipped to the input), scores (B, N), labels (B, N), −1 where none."""
-
-    def __init__(self, detector: RAVLTRetinaNet) -> None:
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        _, outputs, anchors = self.detector.head_outputs(images)
-        size, count = (images.shape[-2], images.shape[-1]), self.detector.detections_per_img
-        boxes, scores, labels = [], [], []
-        for i in range(images.shape[0]):
-            det = self.detector.detect_image([c[i] for c in outputs["cls_logits"]],
-                                             [r[i] for r in outputs["bbox_regression"]], anchors, size)  # fmt: skip
-            # padded by concatenation, then cut: a fixed size whatever the (data-dependent) number found
-            boxes.append(torch.cat([det["boxes"], det["boxes"].new_zeros(count, 4)])[:count])
-            scores.append(torch.cat([det["scores"], det["scores"].new_zeros(count)])[:count])
-            labels.append(torch.cat([det["labels"], det["labels"].new_full((count,), -1)])[:count])
-        return torch.stack(boxes), torch.stack(scores), torch.stack(labels)
-
-
 def exportable(network: nn.Module) -> tuple[nn.Module, str]:
     """The part of a task's network that exports, and what it maps (for messages)."""
     if isinstance(network, RAVLTRetinaNet):
@@ -108,6 +95,13 @@ def exportable(network: nn.Module) -> tuple[nn.Module, str]:
             f"whole RetinaNet: one image (1, 3, H, W) -> boxes (1, {count}, 4), scores (1, {count}), "
             f"labels (1, {count}); input pixels, label -1 = no detection"
         )
+    if isinstance(network, RAVLTTwoStage):
+        count, masks = network.roi_heads.detections_per_img, network.roi_heads.has_mask()
+        return WholeTwoStage(network), (
+            f"whole {type(network).__name__}: one image (1, 3, H, W) -> boxes (1, {count}, 4), scores (1, {count}), "
+            f"labels (1, {count})" + (f", mask probabilities (1, {count}, 28, 28) in each box" if masks else "")
+            + "; input pixels, label -1 = no detection"
+        )  # fmt: skip
     if isinstance(network, EncoderDecoder):
         return WholeImageSegmentor(network), "segmentor: images (B, 3, H, W) -> logits (B, classes, H, W)"
     if isinstance(network, RAVLT) and network.out_indices is None:
@@ -117,7 +111,8 @@ def exportable(network: nn.Module) -> tuple[nn.Module, str]:
     if isinstance(getattr(network, "backbone", None), RAVLTWithFPN):
         return network.backbone, (
             f"detector backbone + FPN only: images (B, 3, H, W) -> FPN maps ({network.backbone.out_channels} channels); "
-            "transform, anchors, RPN, RoI heads and NMS are not exported"
+            f"a whole {type(network).__name__} is not wired for export (RetinaNet, Faster and Mask R-CNN are): "
+            "its RPN, RoI heads and NMS stay in Python"
         )
     raise ExportError(f"no export for a {type(network).__name__} network (RAVLT, its segmentors and detectors only)")
 
@@ -137,28 +132,32 @@ def export_model(
     else the input is ``(1, 3, *input_size)``. The model is put in eval mode; its fast paths are off
     during tracing only. Raises :class:`ExportError` (nothing written) when the export fails, holds a
     non-ATen operator, or differs from the eager model by more than ``atol``. ``check_images``: more
-    inputs to compare on (real images: random ones give a detector nothing to detect).
+    inputs to compare on (real images: random ones give a detector nothing to detect); a whole detector
+    given some is compared on them alone (and on them zero-padded to another size when dynamic).
     """
     path, (height, width) = check_request(path, format, input_size, dynamic)
-    detector = isinstance(model, WholeRetinaNet)
+    detector = isinstance(model, (WholeRetinaNet, WholeTwoStage))
     if detector and dynamic and min(height, width) < DETECTOR_LEAST:
-        raise ExportError(f"input size {height}x{width}: a dynamic whole-RetinaNet export needs height and width of at "
-                          f"least {DETECTOR_LEAST} (P7 of 2x2 or more); --static exports smaller sizes")  # fmt: skip
+        raise ExportError(f"input size {height}x{width}: a dynamic whole-detector export needs height and width of at "
+                          f"least {DETECTOR_LEAST} (RetinaNet's P7 of 2x2 or more); --static exports smaller sizes")  # fmt: skip
     model.eval()
     batch = 2 if dynamic and not detector else 1  # a batch of 1 would be specialised to 1; a detector takes one image
     example = torch.randn(batch, 3, height, width)
     with torch.no_grad(), reference_kernels(model):
         program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic, detector))
-    check_plain_aten(program, allowed=("torchvision.nms.default",) if detector else ())
+    check_plain_aten(program, allowed=DETECTOR_OPERATORS if detector else ())
     if format == "onnx":
         from .onnx_nms import nms as onnx_nms
 
         translations = {torch.ops.torchvision.nms.default: onnx_nms} if detector else None
         program = torch.onnx.export(program, dynamo=True, input_names=["images"], verbose=False,
                                     custom_translation_table=translations)  # fmt: skip
-    checks = [torch.randn(1, 3, height, width), *check_images]
-    if dynamic:
-        checks.append(torch.randn(batch, 3, height + STRIDE, width + 2 * STRIDE))
+    if detector and check_images:  # real images only: on noise, ties decided by rounding reorder a detector's NMS
+        checks = [*check_images, *(F.pad(i, (0, 2 * STRIDE, 0, STRIDE)) for i in check_images[:1] if dynamic)]
+    else:
+        checks = [torch.randn(1, 3, height, width), *check_images]
+        if dynamic:
+            checks.append(torch.randn(batch, 3, height + STRIDE, width + 2 * STRIDE))
     errors: list[float] = []
 
     def write_and_check(tmp: Path) -> None:
@@ -172,8 +171,13 @@ def export_model(
                                   f"{[tuple(t.shape) for t in expected]} at input {tuple(images.shape)}")  # fmt: skip
             errors.append(max((g - e).abs().max().item() for g, e in zip(got, expected)))
         if max(errors) > atol:
-            raise ExportError(f"{path}: the export differs from the eager model by {max(errors):.3g} > atol {atol:g}; "
-                              "nothing written")  # fmt: skip
+            noise = (
+                " on random images, where a detector's NMS ties fall by rounding"
+                if detector and not check_images
+                else ""
+            )
+            raise ExportError(f"{path}: the export differs from the eager model by {max(errors):.3g} > atol {atol:g}"
+                              f"{noise}; nothing written")  # fmt: skip
 
     atomic_write(path, write_and_check)
     return max(errors)

@@ -132,7 +132,7 @@ def test_command_exports_a_config_with_the_authors_weights(official_cls, tmp_pat
 @pytest.mark.parametrize(
     ("config", "exported"),
     [("demo/seg.yaml", "segmentor: images (B, 3, H, W) -> logits (B, classes, H, W)"),
-     ("demo/det.yaml", "detector backbone + FPN only")],
+     ("demo/det.yaml", "whole RAVLTMaskRCNN: one image (1, 3, H, W) -> boxes (1, 100, 4)")],
 )  # fmt: skip
 def test_command_exports_dense_task_networks(config, exported, tmp_path, capsys):
     out = tmp_path / "model.pt2"
@@ -140,7 +140,8 @@ def test_command_exports_dense_task_networks(config, exported, tmp_path, capsys)
     assert exported in capsys.readouterr().out
     with open(out, "rb") as f:
         outputs = torch.export.load(f).module()(torch.randn(1, 3, 64, 96))
-    assert all(t.isfinite().all() for t in (outputs.values() if isinstance(outputs, dict) else [outputs]))
+    leaves = outputs.values() if isinstance(outputs, dict) else outputs if isinstance(outputs, tuple) else [outputs]
+    assert all(t.isfinite().all() for t in leaves)
 
 
 def test_lightning_checkpoint_loads_the_network_or_its_ema(tmp_path):
@@ -257,20 +258,93 @@ def test_the_whole_retinanet_exports_to_pt2_with_anchors_decoding_and_nms(retina
         assert_padded_detections_match(outputs[name], expected_detections(model, images))
 
 
-def test_the_whole_retinanet_exports_to_onnx_with_nonmaxsuppression(retinanet_fixture, tmp_path):
+def test_a_dynamic_whole_retinanet_export_below_160_pixels_is_refused_naming_why(retinanet_fixture, tmp_path):
+    with pytest.raises(ExportError, match=r"input size 96x128: a dynamic whole-detector export needs .* at least 160"):
+        export_model(exportable(retinanet_fixture[0])[0], tmp_path / "r.pt2", "pt2", input_size=(96, 128))
+    assert not (tmp_path / "r.pt2").exists()
+
+
+# -- the whole Faster / Mask R-CNN ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mask_rcnn_fixture() -> tuple:
+    """The authors' tiny Mask R-CNN (their weights) and image 0 as their pipeline prepares it, alone: (1, 3, 96, 128)."""
+    from ravlt_pl.models.released import from_released
+
+    fixture = torch.load(FIXTURES / "official_full" / "official_full_mask_rcnn.pt", weights_only=True)
+    meta = fixture["inputs"]["img_metas"][0]
+    pad_h, pad_w = meta["pad_shape"][:2]
+    return from_released(fixture["state_dict"]), fixture["inputs"]["batch"][:1, :, :pad_h, :pad_w]
+
+
+def assert_rcnn_outputs_match(outputs, model, image: torch.Tensor) -> None:
+    """The export's padded outputs are the authors' test path on ``image`` (boxes in input pixels), masks pasted."""
+    from ravlt_pl.models.detection import paste_masks
+
+    size = tuple(image.shape[-2:])
+    with reference_kernels(model), torch.no_grad():
+        (expected,) = model.predict_preprocessed(image, [size], [size])
+    assert_padded_detections_match(outputs[:3], expected)
+    if "masks" in expected:
+        found = len(expected["boxes"])
+        pasted = paste_masks(outputs[3][0, :found], outputs[0][0, :found], size)
+        assert (pasted != expected["masks"]).sum() <= 0.001 * pasted.numel()  # pixels on a probability of 0.5
+
+
+@pytest.mark.slow  # a minute on a loaded 2-core machine: a dynamic export, checked at two sizes
+def test_the_whole_mask_rcnn_exports_to_pt2_with_rpn_roialign_nms_and_mask_head(mask_rcnn_fixture, tmp_path):
+    model, image = mask_rcnn_fixture
+    module, what = exportable(model)
+    assert what.startswith("whole RAVLTMaskRCNN") and "mask probabilities (1, 100, 28, 28)" in what
+    padded = F.pad(image, (0, 192 - 128, 0, 160 - 96))
+    path = tmp_path / "mask_rcnn.pt2"
+    export_model(module, path, "pt2", input_size=(160, 192), dynamic=True, atol=1e-3, check_images=[padded])
+    with open(path, "rb") as f:
+        program = torch.export.load(f)
+    operators = {str(n.target) for n in program.graph.nodes if "torchvision" in str(n.target)}
+    assert operators == {"torchvision.nms.default", "torchvision.roi_align.default"}
+    larger = F.pad(image, (0, 256 - 128, 0, 224 - 96))  # another size: H, W dynamic
+    for images in (padded, larger):
+        outputs = program.module()(images)
+        assert [tuple(t.shape) for t in outputs] == [(1, 100, 4), (1, 100), (1, 100), (1, 100, 28, 28)]
+        assert_rcnn_outputs_match(outputs, model, images)
+
+
+def onnx_detector_outputs(model, image: torch.Tensor, path: Path, operators: set[str]) -> list[torch.Tensor]:
+    """Export the whole ``model`` to ONNX at ``image``'s size, check it holds ``operators``, run it in onnxruntime."""
     onnx = pytest.importorskip("onnx", reason="ONNX export needs the export extra: pip install 'ravlt_pl[export]'")
     onnxruntime = pytest.importorskip("onnxruntime", reason="checking the export needs onnxruntime (export extra)")
-    model, image = retinanet_fixture
-    path = tmp_path / "retinanet.onnx"
-    export_model(exportable(model)[0], path, "onnx", input_size=(96, 128), dynamic=False, atol=1e-3,
+    export_model(exportable(model)[0], path, "onnx", input_size=tuple(image.shape[-2:]), dynamic=False, atol=1e-3,
                  check_images=[image])  # fmt: skip
-    assert "NonMaxSuppression" in {node.op_type for node in onnx.load(path).graph.node}
+    assert operators <= {node.op_type for node in onnx.load(path).graph.node}
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outputs = [torch.from_numpy(a) for a in session.run(None, {"images": image.numpy()})]
+    return [torch.from_numpy(a) for a in session.run(None, {"images": image.numpy()})]
+
+
+def test_the_whole_retinanet_exports_to_onnx_with_nonmaxsuppression(retinanet_fixture, tmp_path):
+    model, image = retinanet_fixture
+    outputs = onnx_detector_outputs(model, image, tmp_path / "retinanet.onnx", {"NonMaxSuppression"})
     assert_padded_detections_match(outputs, expected_detections(model, image))
 
 
-def test_a_dynamic_whole_retinanet_export_below_160_pixels_is_refused_naming_why(retinanet_fixture, tmp_path):
-    with pytest.raises(ExportError, match=r"input size 96x128: a dynamic whole-RetinaNet export needs .* at least 160"):
-        export_model(exportable(retinanet_fixture[0])[0], tmp_path / "r.pt2", "pt2", input_size=(96, 128))
-    assert not (tmp_path / "r.pt2").exists()
+def test_the_whole_mask_rcnn_exports_to_onnx_with_roialign_and_nonmaxsuppression(mask_rcnn_fixture, tmp_path):
+    model, image = mask_rcnn_fixture
+    outputs = onnx_detector_outputs(model, image, tmp_path / "mask_rcnn.onnx", {"NonMaxSuppression", "RoiAlign"})
+    assert_rcnn_outputs_match(outputs, model, image)
+
+
+def test_the_whole_faster_rcnn_exports_boxes_only(mask_rcnn_fixture, tmp_path):
+    from ravlt_pl.models.detection import RAVLTFasterRCNN
+    from ravlt_pl.models.released import from_released
+
+    fixture = torch.load(FIXTURES / "official_full" / "official_full_mask_rcnn.pt", weights_only=True)
+    model = from_released({k: v for k, v in fixture["state_dict"].items() if ".mask_head." not in k})
+    assert isinstance(model, RAVLTFasterRCNN)
+    module, what = exportable(model)
+    assert what.startswith("whole RAVLTFasterRCNN") and "mask" not in what
+    image = mask_rcnn_fixture[1]
+    path = tmp_path / "faster_rcnn.pt2"
+    export_model(module, path, "pt2", input_size=(96, 128), dynamic=False, atol=1e-3, check_images=[image])
+    with open(path, "rb") as f:
+        outputs = torch.export.load(f).module()(image)
+    assert len(outputs) == 3
+    assert_rcnn_outputs_match(outputs, model, image)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torchvision.models.detection import MaskRCNN, RetinaNet, faster_rcnn, retinanet
+from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.ops import MultiScaleRoIAlign, generalized_box_iou_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
@@ -18,12 +18,13 @@ from ravlt_pl.models.detection import (
     MmdetRoIAlign,
     PresizedTransform,
     RAVLTCascadeMaskRCNN,
+    RAVLTFasterRCNN,
     RAVLTMaskRCNN,
     RAVLTRetinaNet,
-    anchors,
     batched_nms,
     conv_fc_box_head,
     dummy_forward,
+    mmdet_boxes,
     paste_masks,
     ravlt_fpn,
     rcnn_rules,
@@ -36,7 +37,8 @@ SMALL_HEADS = dict(fpn_channels=16, representation_size=32, mask_channels=8)
 FEW_ROIS = dict(rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=100,
                 rpn_post_nms_top_n_test=50, box_batch_size_per_image=32)  # fmt: skip
 
-DETECTORS = {"retinanet": RAVLTRetinaNet, "maskrcnn": RAVLTMaskRCNN, "cascade_maskrcnn": RAVLTCascadeMaskRCNN}
+DETECTORS = {"retinanet": RAVLTRetinaNet, "faster_rcnn": RAVLTFasterRCNN, "maskrcnn": RAVLTMaskRCNN,
+             "cascade_maskrcnn": RAVLTCascadeMaskRCNN}  # fmt: skip
 # the paper's parameter counts (M) at 80 classes
 PUBLISHED_PARAMS = {
     **{("retinanet", f"ravlt_{v}"): m for v, m in zip("tsbl", (24, 34, 57, 104))},
@@ -48,6 +50,8 @@ PUBLISHED_PARAMS = {
 def tiny(detector: str, **kwargs) -> nn.Module:
     """A detector on the tiny test backbone with narrow heads (R-CNNs: few proposals and RoIs too)."""
     small = {"fpn_channels": 16} if detector == "retinanet" else dict(SMALL_HEADS, **FEW_ROIS)
+    if detector == "faster_rcnn":
+        small.pop("mask_channels")
     return DETECTORS[detector](5, "ravlt_t", TINY, **{**small, **kwargs})
 
 
@@ -94,7 +98,7 @@ def test_retinanet_levels_p3_to_p7_with_p6_from_c5():
     assert default.fpn.extra_blocks.p6.in_channels == c5_channels
 
 
-@pytest.mark.parametrize("detector", ["retinanet", "maskrcnn", "cascade_maskrcnn"])
+@pytest.mark.parametrize("detector", list(DETECTORS))
 def test_detector_trains_and_detects_at_input_size(detector):
     torch.manual_seed(0)
     model = tiny(detector)
@@ -115,7 +119,7 @@ def test_detector_trains_and_detects_at_input_size(detector):
     with torch.no_grad():
         detections = model(images)
     assert len(detections) == 2
-    if detector != "retinanet":
+    if detector in ("maskrcnn", "cascade_maskrcnn"):
         assert detections[1]["masks"].shape[-2:] == (48, 64)  # no resize: outputs live in input pixels
 
 
@@ -137,7 +141,7 @@ def test_rescale_detections_maps_boxes_and_masks_to_original_size():
     assert out["masks"][0, 20:40, 60:120].all() and out["masks"].sum() == 20 * 60
 
 
-@pytest.mark.parametrize("detector", ["retinanet", "maskrcnn", "cascade_maskrcnn"])
+@pytest.mark.parametrize("detector", list(DETECTORS))
 def test_dummy_forward_runs_every_head(detector):
     model = tiny(detector).eval()
     with torch.no_grad():
@@ -147,6 +151,8 @@ def test_dummy_forward_runs_every_head(detector):
         assert outputs[-1].shape == (4, 6, 28, 28)
     elif detector == "maskrcnn":
         assert len(outputs) == 2 + 3
+    elif detector == "faster_rcnn":  # rpn (2) + scores, deltas
+        assert len(outputs) == 2 + 2
     else:
         assert set(outputs) == {"cls_logits", "bbox_regression"}
 
@@ -269,10 +275,9 @@ def test_training_proposals_per_image_follow_the_published_configs():
     assert RAVLTRetinaNet(5, "ravlt_t", TINY, fpn_channels=16).detections_per_img == 100
 
 
-def test_anchors_are_torchvisions_defaults_times_the_scale():
-    for octaves, default in ((3, retinanet._default_anchorgen()), (1, faster_rcnn._default_anchorgen())):
-        assert anchors(octaves=octaves).sizes == tuple(tuple(float(v) for v in level) for level in default.sizes)
-        assert anchors(0.5, octaves).sizes[0][0] == 16.0
+def test_anchor_scale_multiplies_mmdets_anchor_sizes():
+    # R-CNNs: one size 8 × stride per level (32 on P2 ... 512 on P6)
+    assert tiny("maskrcnn").rpn.anchor_generator.sizes == ((32.0,), (64.0,), (128.0,), (256.0,), (512.0,))
     assert tiny("cascade_maskrcnn", anchor_scale=0.5).rpn.anchor_generator.sizes[0] == (16.0,)
     # RetinaNet: mmdet's unrounded octave sizes 4·2^(i/3) × stride (tests/models/test_released_retinanet.py)
     assert tiny("retinanet", anchor_scale=0.5).anchor_generator.sizes[0] == pytest.approx(
@@ -306,7 +311,7 @@ def test_batched_nms_gives_the_same_above_mmcvs_split_size(monkeypatch):
     boxes = torch.cat([boxes, boxes + torch.rand(300, 2) * 20 + 1], 1)
     scores, idxs = torch.rand(300), torch.randint(0, 4, (300,))
     offsets = batched_nms(boxes, scores, idxs, 0.5)
-    monkeypatch.setattr(rcnn_rules, "NMS_SPLIT", 10)
+    monkeypatch.setattr(mmdet_boxes, "NMS_SPLIT", 10)
     torch.testing.assert_close(batched_nms(boxes, scores, idxs, 0.5), offsets)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ravlt_pl.models.checkpoint import CheckpointError
-from ravlt_pl.models.detection.rcnn_rules import batched_nms
+from ravlt_pl.models.detection.mmdet_boxes import batched_nms
 from ravlt_pl.models.detection.released_retinanet import retinanet
 from ravlt_pl.models.detection.retinanet import RAVLTRetinaNet
 from ravlt_pl.models.released import load_converted
@@ -107,9 +107,11 @@ def test_raw_head_outputs_match_in_the_authors_channel_layout(fixture, ours):
 
 
 def test_base_anchors_are_mmdets_unrounded_octave_anchors(fixture, model):
-    for stride, expected in zip(STRIDES, fixture["outputs"]["base_anchors"]):
-        torch.testing.assert_close(model.anchor_generator.base_anchors(stride, torch.device("cpu")), expected)
-    assert model.anchor_generator.base_anchors(8, torch.device("cpu"))[4].tolist() == pytest.approx(
+    generator = model.anchor_generator
+    assert generator.strides == STRIDES
+    for base, expected in zip(generator.cell_anchors, fixture["outputs"]["base_anchors"], strict=True):
+        torch.testing.assert_close(base, expected)
+    assert generator.cell_anchors[0][4].tolist() == pytest.approx(
         [-20.158737, -20.158737, 20.158737, 20.158737]
     )  # 40.32 = 32 · 2^(1/3), not torchvision's int(40.3) = 40
 

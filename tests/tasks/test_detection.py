@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from functools import partial
 from pathlib import Path
@@ -16,14 +17,12 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 
 from ravlt_pl.cli import build_cli, main, resolve_config
 from ravlt_pl.data.coco import COCODataModule
 from ravlt_pl.data.synthetic import make_detection
-from ravlt_pl.models.detection import RAVLTMaskRCNN, RAVLTRetinaNet
-from ravlt_pl.models.detection.backbone import ravlt_fpn
-from ravlt_pl.models.detection.detectors import PresizedTransform
+from ravlt_pl.models.detection import RAVLTFasterRCNN, RAVLTMaskRCNN, RAVLTRetinaNet, conv_fc_box_head
 from ravlt_pl.tasks.base import param_groups
 from ravlt_pl.tasks.detection import COCO_METRICS, DetectionTask, coco_metric, coco_results, metric_inputs
 from ravlt_pl.tasks.detection_report import drawn_figure
@@ -333,22 +332,30 @@ def test_flops_forward_counts_backbone_and_heads():
     assert counter.get_total_flops() > 0
 
 
-class RAVLTFasterRCNN(FasterRCNN):
-    """The README's worked example of a fourth detector: one class, named by class_path in a config."""
+class FasterRCNN4Conv1FC(RAVLTFasterRCNN):
+    """RAVLTFasterRCNN whose box head is 4 conv (3×3, BatchNorm, ReLU) + 1 fc, as each cascade stage's."""
 
-    label_offset = 1  # torchvision's R-CNNs reserve label 0 for the background
-    iou_types = ("bbox",)  # what it predicts (COCO IoU types)
+    def __init__(self, num_classes: int, box_conv_channels: int = 256, **kwargs) -> None:
+        super().__init__(num_classes, **kwargs)
+        fc_width = self.roi_heads.box_predictor.cls_score.in_features  # representation_size
+        self.roi_heads.box_head = conv_fc_box_head(
+            self.backbone.out_channels, conv_channels=box_conv_channels, representation_size=fc_width
+        )
 
-    def __init__(self, num_classes: int, variant: str = "ravlt_s", backbone_overrides: dict | None = None,
-                 drop_path_rate: float | None = None, fpn_channels: int = 256, **kwargs) -> None:  # fmt: skip
-        backbone = ravlt_fpn(variant, backbone_overrides, (0, 1, 2, 3), fpn_channels, "maxpool", drop_path_rate)
-        super().__init__(backbone, num_classes + 1, **kwargs)
-        self.transform = PresizedTransform()  # the data pipeline resizes; the detector only normalises and pads
+
+def test_the_readme_shows_this_new_detector():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("**Adding a detector**") :]
+    code = section[section.index("```python\n") + len("```python\n") : section.index("```\n")]
+    assert "from ravlt_pl.models.detection import RAVLTFasterRCNN, conv_fc_box_head" in code
+    assert code[code.index("class ") :] == inspect.getsource(FasterRCNN4Conv1FC)
 
 
 def test_a_new_detector_is_one_class_named_by_class_path(coco_root, tmp_path):
-    detector = json.dumps({"class_path": "tests.tasks.test_detection.RAVLTFasterRCNN",
-                           "init_args": {"variant": "ravlt_t", "backbone_overrides": TINY, "fpn_channels": 16, **FEW_ROIS}})  # fmt: skip
+    small = {k: v for k, v in SMALL.items() if k != "mask_channels"}
+    detector = json.dumps({"class_path": "tests.tasks.test_detection.FasterRCNN4Conv1FC",
+                           "init_args": {"variant": "ravlt_t", "backbone_overrides": TINY, "box_conv_channels": 8,
+                                         **small, **FEW_ROIS}})  # fmt: skip
     cli = main([
         "fit", "--config", "det/maskrcnn_t_1x.yaml", "--model.init_args.detector", detector,
         "--data.init_args.root", str(coco_root), "--data.init_args.num_classes", "5", "--data.init_args.with_masks", "false",
@@ -357,7 +364,9 @@ def test_a_new_detector_is_one_class_named_by_class_path(coco_root, tmp_path):
         "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
         "--trainer.num_nodes", "1", "--trainer.default_root_dir", str(tmp_path),
     ])  # fmt: skip
-    assert isinstance(cli.model.model, RAVLTFasterRCNN)
+    model = cli.model.model
+    assert isinstance(model, FasterRCNN4Conv1FC) and isinstance(model.roi_heads.box_head, FastRCNNConvFCHead)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.roi_heads.box_head.modules()) == 4
     report = json.loads((tmp_path / "reports" / "fit" / "detection_val.json").read_text())
     assert set(report["metrics"]) == {"bbox"}
 

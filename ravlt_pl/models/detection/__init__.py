@@ -5,18 +5,19 @@ from .cascade import CascadeBoxPredictor, CascadeMaskRCNN, CascadeRoIHeads, conv
 from .detectors import (
     PresizedTransform,
     RAVLTCascadeMaskRCNN,
+    RAVLTFasterRCNN,
     RAVLTMaskRCNN,
-    anchors,
+    RAVLTTwoStage,
     dummy_forward,
     rescale_detections,
 )
-from .faster_rcnn import RAVLTFasterRCNN
-from .rcnn_rules import DeltaXYWHCoder, MmdetAnchorGenerator, MmdetRoIAlign, MmdetRPN, batched_nms, paste_masks
+from .mmdet_boxes import DeltaXYWHCoder, MmdetAnchorGenerator, batched_nms, octave_scales
+from .rcnn_rules import MmdetRoIAlign, MmdetRPN, paste_masks
 from .retinanet import RAVLTRetinaNet
 
 __all__ = [
     "RAVLTWithFPN", "ravlt_fpn", "CascadeBoxPredictor", "CascadeMaskRCNN", "CascadeRoIHeads", "conv_fc_box_head",
-    "PresizedTransform", "RAVLTRetinaNet", "RAVLTFasterRCNN", "RAVLTMaskRCNN", "RAVLTCascadeMaskRCNN", "anchors",
+    "PresizedTransform", "RAVLTRetinaNet", "RAVLTFasterRCNN", "RAVLTMaskRCNN", "RAVLTCascadeMaskRCNN", "RAVLTTwoStage",
     "dummy_forward", "rescale_detections", "DeltaXYWHCoder", "MmdetAnchorGenerator", "MmdetRoIAlign", "MmdetRPN",
-    "batched_nms", "paste_masks",
+    "batched_nms", "octave_scales", "paste_masks",
 ]  # fmt: skip

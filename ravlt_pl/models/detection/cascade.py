@@ -35,13 +35,13 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import generalized_box_iou_loss
 
+from .mmdet_boxes import DeltaXYWHCoder, MmdetAnchorGenerator
 from .rcnn_rules import (
-    DeltaXYWHCoder,
-    MmdetAnchorGenerator,
     MmdetRoIAlign,
     MmdetRPN,
-    add_masks,
     class_detections,
+    mask_probabilities,
+    paste_masks_into,
     scale_factor,
 )
 
@@ -223,7 +223,7 @@ class CascadeRoIHeads(nn.Module):
 
     def predict(self, features, proposals, image_sizes, original_sizes) -> list[dict[str, Tensor]]:
         """Detections at the original sizes by the authors' rules (:func:`.rcnn_rules.class_detections`,
-        masks averaged over the stages' heads and pasted by :func:`.rcnn_rules.add_masks`)."""
+        masks averaged over the stages' heads and pasted by :func:`.rcnn_rules.paste_masks_into`)."""
         logits, boxes = self.box_stages(features, proposals, image_sizes)
         factors = [scale_factor(s, o, logits.device) for s, o in zip(image_sizes, original_sizes)]
         counts = [len(p) for p in proposals]
@@ -232,15 +232,9 @@ class CascadeRoIHeads(nn.Module):
             for lg, b, s, f in zip(logits.split(counts), boxes.split(counts), image_sizes, factors)
         ]
         if self.has_mask():
-            add_masks(
-                results,
-                features,
-                self.stages[0].mask_roi_pool,
-                [(s.mask_head, s.mask_predictor) for s in self.stages],
-                image_sizes,
-                factors,
-                original_sizes,
-            )
+            heads = [(s.mask_head, s.mask_predictor) for s in self.stages]
+            probs = mask_probabilities(results, features, self.stages[0].mask_roi_pool, heads, image_sizes, factors)
+            paste_masks_into(results, probs, factors, original_sizes)
         return results
 
     def detect(self, features, proposals, image_shapes) -> list[dict[str, Tensor]]:

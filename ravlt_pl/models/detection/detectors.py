@@ -1,6 +1,7 @@
-"""RetinaNet, Mask R-CNN and Cascade Mask R-CNN on RAVLT: one class each, torchvision's detector underneath.
+"""Faster R-CNN, Mask R-CNN and Cascade Mask R-CNN on RAVLT: one class each, torchvision's detector underneath.
 
-RAVLTRetinaNet lives in :mod:`.retinanet` (with the authors' inference rules it follows).
+RAVLTRetinaNet lives in :mod:`.retinanet` (with the authors' inference rules it follows). Faster and
+Mask R-CNN are one network (:class:`RAVLTTwoStage`), with or without the mask branch.
 
 Each detector is one class whose constructor builds the whole network from a RAVLT variant, like
 torchvision's ``retinanet_resnet50_fpn``: ``RAVLTMaskRCNN(80, "ravlt_s")``. A config names it by
@@ -26,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
-from torchvision.models.detection import MaskRCNN, RetinaNet
-from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -35,14 +35,14 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, res
 
 from .backbone import ravlt_fpn
 from .cascade import CascadeMaskRCNN, CascadeRoIHeads
+from .mmdet_boxes import DeltaXYWHCoder, MmdetAnchorGenerator
 from .rcnn_rules import (
-    DeltaXYWHCoder,
     L1RoIHeads,
-    MmdetAnchorGenerator,
     MmdetRoIAlign,
     MmdetRPN,
-    add_masks,
     class_detections,
+    mask_probabilities,
+    paste_masks_into,
     scale_factor,
 )
 
@@ -65,11 +65,13 @@ class PresizedTransform(GeneralizedRCNNTransform):
                 f"pad to ×{self.size_divisible}, no resize)")  # fmt: skip
 
 
-class RAVLTMaskRCNN(MaskRCNN):
-    """Mask R-CNN on RAVLT: FPN on C2–C5 with a P6 max-pool, RPN, 2-fc box head, 4-conv mask head.
+class RAVLTTwoStage(FasterRCNN):
+    """Faster / Mask R-CNN on RAVLT: FPN on C2–C5 with a P6 max-pool, RPN, 2-fc box head[, 4-conv mask head].
 
     torchvision's modules with the authors' (mmdet) anchors, box coding, RoIAlign and L1 box losses
-    (:mod:`.rcnn_rules`); :meth:`predict_preprocessed` is the authors' test path, which the task evaluates.
+    (:mod:`.mmdet_boxes`, :mod:`.rcnn_rules`); :meth:`predict_preprocessed` is the authors' test path, which
+    the task evaluates. The configs name :class:`RAVLTMaskRCNN` or :class:`RAVLTFasterRCNN` (the same
+    network without the mask branch), not this class.
 
     Args:
         num_classes: object classes, without the background (label 0 in torchvision's R-CNNs).
@@ -77,15 +79,14 @@ class RAVLTMaskRCNN(MaskRCNN):
             ``drop_path_rate=None`` keeps the variant's published rate.
         fpn_channels: FPN width (256 published).
         representation_size: width of the box head's two fc layers (1024 published).
-        mask_channels: width of the mask head's four convs (256 published).
+        mask_channels: width of the mask head's four convs (256 published); ``None``: no mask branch.
         anchor_scale: multiplies every anchor size (1 published).
         rpn_post_nms_top_n_train: proposals kept per image in training (mmdet ``max_per_img=1000``;
             torchvision keeps 2000).
-        kwargs: further arguments of torchvision's ``MaskRCNN`` (``box_batch_size_per_image``, ...).
+        kwargs: further arguments of torchvision's ``FasterRCNN`` (``box_batch_size_per_image``, ...).
     """
 
     label_offset = 1
-    iou_types = ("bbox", "segm")
 
     def __init__(
         self,
@@ -95,19 +96,22 @@ class RAVLTMaskRCNN(MaskRCNN):
         drop_path_rate: float | None = None,
         fpn_channels: int = 256,
         representation_size: int = 1024,
-        mask_channels: int = 256,
+        mask_channels: int | None = 256,
         anchor_scale: float = 1.0,
         rpn_post_nms_top_n_train: int = 1000,
         **kwargs,
     ) -> None:
         backbone = ravlt_fpn(variant, backbone_overrides, (0, 1, 2, 3), fpn_channels, "maxpool", drop_path_rate)
         classes = num_classes + 1
-        super().__init__(
-            backbone, None,
-            box_head=TwoMLPHead(fpn_channels * 7 * 7, representation_size),
-            box_predictor=FastRCNNPredictor(representation_size, classes),
-            mask_head=MaskRCNNHeads(fpn_channels, [mask_channels] * 4, dilation=1),
-            mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, classes),
+        box_head = TwoMLPHead(fpn_channels * 7 * 7, representation_size)
+        box_predictor = FastRCNNPredictor(representation_size, classes)
+        if mask_channels is not None:  # built before the RPN head: a seeded initialisation draws in this order
+            mask_head = MaskRCNNHeads(fpn_channels, [mask_channels] * 4, dilation=1)
+            mask_predictor = MaskRCNNPredictor(mask_channels, mask_channels, classes)
+        # FasterRCNN's, not the next class's: for RAVLTMaskRCNN that is torchvision's MaskRCNN, whose constructor
+        # only builds default mask modules and sets them on roi_heads, as done below
+        FasterRCNN.__init__(
+            self, backbone, None, box_head=box_head, box_predictor=box_predictor,
             rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
             # torchvision's transform arguments, named so that they are no config arguments: PresizedTransform replaces it
             min_size=0, max_size=0, image_mean=None, image_std=None, size_divisible=32, fixed_size=None,
@@ -118,7 +122,9 @@ class RAVLTMaskRCNN(MaskRCNN):
         self.roi_heads.box_coder = DeltaXYWHCoder(BOX_STDS)
         # after construction: torchvision's constructor accepts MultiScaleRoIAlign only
         self.roi_heads.box_roi_pool = MmdetRoIAlign(output_size=7)
-        self.roi_heads.mask_roi_pool = MmdetRoIAlign(output_size=14)
+        if mask_channels is not None:
+            self.roi_heads.mask_roi_pool = MmdetRoIAlign(output_size=14)
+            self.roi_heads.mask_head, self.roi_heads.mask_predictor = mask_head, mask_predictor
         self.transform = PresizedTransform()
         self.variant = variant
 
@@ -127,28 +133,58 @@ class RAVLTMaskRCNN(MaskRCNN):
 
         ``batch`` (B, 3, H, W) as mmdet's pipeline builds it, ``image_sizes`` [(h, w)] after the resize,
         ``original_sizes`` [(h, w)]. Per image ``boxes`` (xyxy, original pixels), ``scores``, ``labels``
-        (0-based), ``masks`` (N, H, W) bool at the original size.
+        (0-based), and with a mask branch ``masks`` (N, H, W) bool at the original size.
         """
         image_sizes = [tuple(int(v) for v in s) for s in image_sizes]
         features = self.backbone(batch)
         proposals, _ = self.rpn(ImageList(batch, image_sizes), features)
+        factors = [scale_factor(s, o, batch.device) for s, o in zip(image_sizes, original_sizes)]
+        results = self.box_detections(features, proposals, image_sizes, factors)
+        if self.roi_heads.has_mask():
+            paste_masks_into(results, self.mask_probabilities(features, results, image_sizes, factors), factors,
+                             original_sizes)  # fmt: skip
+        return results
+
+    def box_detections(self, features, proposals: list[Tensor], image_sizes, factors) -> list[dict[str, Tensor]]:
+        """Per image the authors' detections from its RPN ``proposals``: ``boxes`` divided by ``factors[i]``."""
         heads = self.roi_heads
         logits, deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, proposals, image_sizes)))
         # mmdet zeroes the outputs of every RoI with y2 == 0 (meant for its batch padding: no detection)
         empty = torch.cat(proposals)[:, 3:4] == 0
         logits, deltas = logits.masked_fill(empty, 0), deltas.masked_fill(empty, 0)
         boxes = heads.box_coder.decode(deltas, proposals)  # (N, K+1, 4) at input scale
-        factors = [scale_factor(s, o, batch.device) for s, o in zip(image_sizes, original_sizes)]
-        counts = [len(p) for p in proposals]
-        results = [
+        counts = [p.shape[0] for p in proposals]  # sizes, symbolic while exporting
+        return [
             class_detections(F.softmax(lg, -1), b, size, f, heads.score_thresh, heads.nms_thresh,
                              heads.detections_per_img)
             for lg, b, size, f in zip(logits.split(counts), boxes.split(counts), image_sizes, factors)
         ]  # fmt: skip
-        if heads.has_mask():
-            add_masks(results, features, heads.mask_roi_pool, [(heads.mask_head, heads.mask_predictor)],
-                      image_sizes, factors, original_sizes)  # fmt: skip
-        return results
+
+    def mask_probabilities(self, features, results: list[dict[str, Tensor]], image_sizes, factors) -> Tensor:
+        """(N, 28, 28) mask probabilities of every image's detections, in order (see :func:`.rcnn_rules.mask_probabilities`)."""
+        heads = self.roi_heads
+        return mask_probabilities(results, features, heads.mask_roi_pool, [(heads.mask_head, heads.mask_predictor)],
+                                  image_sizes, factors)  # fmt: skip
+
+
+class RAVLTMaskRCNN(RAVLTTwoStage, MaskRCNN):
+    """Mask R-CNN on RAVLT with the authors' rules (:class:`RAVLTTwoStage`, ``mask_channels`` 256 published)."""
+
+    iou_types = ("bbox", "segm")
+
+
+class RAVLTFasterRCNN(RAVLTTwoStage):
+    """Faster R-CNN on RAVLT: :class:`RAVLTMaskRCNN` without its mask branch, for data without masks.
+
+    The same network, rules and defaults (:class:`RAVLTTwoStage`, all its arguments but ``mask_channels``).
+    It reads boxes only, so the data's ``segmentation`` fields are ignored (``COCODataModule(with_masks=None)``
+    follows the detector).
+    """
+
+    iou_types = ("bbox",)
+
+    def __init__(self, num_classes: int, *args, **kwargs) -> None:
+        super().__init__(num_classes, *args, mask_channels=None, **kwargs)
 
 
 class RAVLTCascadeMaskRCNN(CascadeMaskRCNN):
@@ -194,18 +230,6 @@ class RAVLTCascadeMaskRCNN(CascadeMaskRCNN):
         features = self.backbone(batch)
         proposals, _ = self.rpn(ImageList(batch, image_sizes), features)
         return self.roi_heads.predict(features, proposals, image_sizes, original_sizes)
-
-
-def anchors(scale: float = 1.0, octaves: int = 1) -> AnchorGenerator:
-    """torchvision's default anchors, every size multiplied by ``scale``.
-
-    ``octaves=1``: R-CNN's one size per level, 32 on P2 ... 512 on P6. ``octaves=3``: RetinaNet's
-    three octave scales per level from 32 on P3 ... 512 on P7 (mmdet ``octave_base_scale=4``).
-    Aspect ratios .5, 1, 2 everywhere.
-    """
-    steps = tuple(2 ** (i / octaves) for i in range(octaves))
-    sizes = tuple(tuple(float(int(base * o)) * scale for o in steps) for base in (32, 64, 128, 256, 512))
-    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
 
 
 def rescale_detections(

@@ -1,4 +1,5 @@
-"""The authors' released Mask R-CNN and Cascade Mask R-CNN files → :class:`RAVLTMaskRCNN` / :class:`RAVLTCascadeMaskRCNN`.
+"""The authors' released Mask R-CNN and Cascade Mask R-CNN files → :class:`RAVLTMaskRCNN` / :class:`RAVLTCascadeMaskRCNN`
+(and an mmdet Faster R-CNN file, the same keys without ``roi_head.mask_head``, → :class:`RAVLTFasterRCNN`).
 
 Key names: mmdet 2.11 (``neck.lateral_convs.i.conv``, ``rpn_head.rpn_cls``, ``roi_head.bbox_head[.s].shared_fcs``,
 ``shared_convs.i.{conv,bn}``, ``fc_cls``, ``fc_reg``, ``roi_head.mask_head[.s].convs.i.conv``, ``upsample``,
@@ -101,16 +102,24 @@ def _count(state: Mapping[str, Tensor], pattern: str) -> int:
     return len({m[1] for k in state if (m := re.match(pattern, k))})
 
 
+def _has_masks(state: Mapping[str, Tensor]) -> bool:
+    return any(k.startswith("roi_head.mask_head.") for k in state)
+
+
 def build_mask_rcnn(state: Mapping[str, Tensor]) -> nn.Module:
-    from .detectors import RAVLTMaskRCNN
+    """:class:`RAVLTMaskRCNN`, or :class:`RAVLTFasterRCNN` for a file without a mask head (mmdet's Faster R-CNN)."""
+    from .detectors import RAVLTFasterRCNN, RAVLTMaskRCNN
 
     variant, backbone = _backbone(state)
-    return RAVLTMaskRCNN(
-        state["roi_head.bbox_head.fc_cls.weight"].shape[0] - 1, variant, backbone,
+    sizes = dict(
         fpn_channels=state["neck.lateral_convs.0.conv.weight"].shape[0],
         representation_size=state["roi_head.bbox_head.shared_fcs.0.weight"].shape[0],
-        mask_channels=state["roi_head.mask_head.convs.0.conv.weight"].shape[0],
-    )  # fmt: skip
+    )
+    num_classes = state["roi_head.bbox_head.fc_cls.weight"].shape[0] - 1
+    if not _has_masks(state):
+        return RAVLTFasterRCNN(num_classes, variant, backbone, **sizes)
+    mask_channels = state["roi_head.mask_head.convs.0.conv.weight"].shape[0]
+    return RAVLTMaskRCNN(num_classes, variant, backbone, **sizes, mask_channels=mask_channels)
 
 
 def build_cascade(state: Mapping[str, Tensor]) -> nn.Module:
@@ -137,9 +146,14 @@ def convert_cascade(state: Mapping[str, Tensor], model: nn.Module) -> dict[str, 
 
 
 mask_rcnn = ReleasedFamily(
-    "mask_rcnn", lambda state: "roi_head.bbox_head.fc_cls.weight" in state, build_mask_rcnn, convert_mask_rcnn
-)
+    "mask_rcnn", lambda state: "roi_head.bbox_head.fc_cls.weight" in state and _has_masks(state), build_mask_rcnn,
+    convert_mask_rcnn,
+)  # fmt: skip
+faster_rcnn = ReleasedFamily(
+    "faster_rcnn", lambda state: "roi_head.bbox_head.fc_cls.weight" in state and not _has_masks(state),
+    build_mask_rcnn, convert_mask_rcnn,
+)  # fmt: skip
 cascade_mask_rcnn = ReleasedFamily(
     "cascade_mask_rcnn", lambda state: "roi_head.bbox_head.0.fc_cls.weight" in state, build_cascade, convert_cascade
 )
-FAMILIES = (mask_rcnn, cascade_mask_rcnn)
+FAMILIES = (mask_rcnn, faster_rcnn, cascade_mask_rcnn)

@@ -7,9 +7,9 @@ numbers depend on it), this module follows mmdet:
 - P6 is a stride-2 conv on C5 and P7 a conv on P6 **without** a ReLU in between (``add_extra_convs='on_input'``,
   ``relu_before_extra_convs=False``); torchvision's ``LastLevelP6P7`` applies a ReLU;
 - the head's towers may be narrower than the FPN (``feat_channels``) and have any depth (``stacked_convs``);
-- anchors: sizes ``stride · 4 · 2^(i/3)`` (32, 40.32, 50.80 on P3), **not rounded**, shifted by the
-  level's nominal stride (8 ... 128) rather than ``image size // feature size``;
-- decoding clamps dw/dh on both sides to ±log(1000/16);
+- anchors (:class:`.mmdet_boxes.MmdetAnchorGenerator`): sizes ``stride · 4 · 2^(i/3)`` (32, 40.32, 50.80
+  on P3), **not rounded**, shifted by the level's nominal stride (8 ... 128) rather than ``image size // feature size``;
+- decoding (:class:`.mmdet_boxes.DeltaXYWHCoder`) clamps dw/dh on both sides to ±log(1000/16), clips to the image;
 - per level the 1000 anchors with the highest max-over-classes score keep all their class scores;
   then one class-wise NMS over every level's (anchor, class) pairs with score > 0.05, the first 100 kept.
 
@@ -26,72 +26,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.misc import Conv2dNormActivation
 
 from .backbone import ravlt_fpn
 from .detectors import PresizedTransform
-from .rcnn_rules import batched_nms
-
-#: mmdet ``DeltaXYWHBBoxCoder``'s clamp of dw/dh: ``|log(wh_ratio_clip)|`` with ``wh_ratio_clip = 16/1000``.
-MAX_LOG_RATIO = float(np.abs(np.log(16 / 1000)))
-
-
-class MMDetAnchorGenerator(AnchorGenerator):
-    """mmdet's ``AnchorGenerator`` for RetinaNet: octave scales, float base anchors, nominal strides.
-
-    Anchor ``a = ratio · scales_per_octave + scale`` of a level, centred on the cell's top-left
-    corner; per level ordered (y, x, a) like torchvision's and like the head's outputs.
-    """
-
-    def __init__(
-        self,
-        strides: Sequence[int] = (8, 16, 32, 64, 128),
-        octave_base_scale: float = 4.0,
-        scales_per_octave: int = 3,
-        ratios: Sequence[float] = (0.5, 1.0, 2.0),
-    ) -> None:
-        # float64 octave scales cast to float32, as mmdet builds them
-        octaves = [octave_base_scale * 2 ** (i / scales_per_octave) for i in range(scales_per_octave)]
-        self.scales = [float(np.float32(s)) for s in octaves]
-        self.ratios = [float(r) for r in ratios]
-        sizes = tuple(tuple(stride * s for s in self.scales) for stride in strides)  # 32, 40.32, 50.80 on P3
-        super().__init__(sizes, aspect_ratios=(tuple(self.ratios),) * len(strides))
-        self.strides = tuple(strides)
-        self.cell_anchors = []  # torchvision's rounded ones are not used: see base_anchors
-
-    def num_anchors_per_location(self) -> list[int]:
-        return [len(self.scales) * len(self.ratios)] * len(self.strides)
-
-    def base_anchors(self, stride: int, device: torch.device) -> Tensor:
-        """(A, 4) anchors of one level centred on (0, 0), in mmdet's float32 arithmetic."""
-        scales = torch.tensor(self.scales, dtype=torch.float32, device=device)
-        h_ratios = torch.sqrt(torch.tensor(self.ratios, dtype=torch.float32, device=device))
-        w_ratios = 1 / h_ratios
-        ws = (stride * w_ratios[:, None] * scales[None, :]).view(-1)  # ratio-major, then scale
-        hs = (stride * h_ratios[:, None] * scales[None, :]).view(-1)
-        return torch.stack([-0.5 * ws, -0.5 * hs, 0.5 * ws, 0.5 * hs], dim=-1)
-
-    def grid_anchors_mmdet(self, feature_sizes: Sequence[tuple[int, int]], device: torch.device) -> list[Tensor]:
-        """Per level (H·W·A, 4) float32 anchors over the padded batch grid."""
-        if len(feature_sizes) != len(self.strides):
-            raise ValueError(f"{len(feature_sizes)} feature levels for {len(self.strides)} anchor strides")
-        levels = []
-        for (height, width), stride in zip(feature_sizes, self.strides):
-            base = self.base_anchors(stride, device)
-            shift_x = torch.arange(width, device=device) * stride
-            shift_y = torch.arange(height, device=device) * stride
-            yy, xx = torch.meshgrid(shift_y, shift_x, indexing="ij")
-            shifts = torch.stack([xx, yy, xx, yy], dim=-1).reshape(-1, 4).to(base)
-            levels.append((shifts[:, None, :] + base[None, :, :]).reshape(-1, 4))  # (H·W·A, 4)
-        return levels
-
-    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
-        sizes = [tuple(f.shape[-2:]) for f in feature_maps]
-        anchors = torch.cat(self.grid_anchors_mmdet(sizes, feature_maps[0].device))
-        return [anchors for _ in image_list.image_sizes]
+from .mmdet_boxes import DeltaXYWHCoder, MmdetAnchorGenerator, batched_nms, octave_scales
 
 
 def retina_head(
@@ -117,24 +57,11 @@ def retina_head(
     return head
 
 
-def decode_boxes(deltas: Tensor, anchors: Tensor, image_size: tuple[int, int]) -> Tensor:
-    """mmdet ``delta2bbox`` with means 0, stds 1: (N, 4) deltas on (N, 4) anchors → boxes clipped to the image."""
-    dx, dy = deltas[:, 0], deltas[:, 1]
-    dw, dh = deltas[:, 2].clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO), deltas[:, 3].clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
-    px, py = (anchors[:, 0] + anchors[:, 2]) * 0.5, (anchors[:, 1] + anchors[:, 3]) * 0.5
-    pw, ph = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
-    gw, gh = pw * dw.exp(), ph * dh.exp()
-    gx, gy = px + pw * dx, py + ph * dy
-    height, width = image_size  # ints, or symbolic sizes while exporting
-    x1, x2 = (gx - gw * 0.5).clamp(0, width), (gx + gw * 0.5).clamp(0, width)
-    y1, y2 = (gy - gh * 0.5).clamp(0, height), (gy + gh * 0.5).clamp(0, height)
-    return torch.stack([x1, y1, x2, y2], dim=-1)
-
-
 def mmdet_detections(
     cls_logits: Sequence[Tensor],
     box_deltas: Sequence[Tensor],
     anchors: Sequence[Tensor],
+    box_coder: DeltaXYWHCoder,
     image_size: tuple[int, int],
     scale_factor: tuple[float, float] = (1.0, 1.0),
     nms_pre: int = 1000,
@@ -142,7 +69,8 @@ def mmdet_detections(
     nms_thresh: float = 0.5,
     max_per_img: int = 100,
 ) -> dict[str, Tensor]:
-    """One image's detections from per-level (N_l, K) logits, (N_l, 4) deltas and anchors (mmdet 2.11 rule).
+    """One image's detections from per-level (N_l, K) logits, (N_l, 4) deltas and anchors (mmdet 2.11 rule),
+    the deltas decoded by ``box_coder`` and clipped to ``image_size``.
 
     ``scale_factor`` (w, h): input pixels per original pixel; boxes are divided by it before NMS.
     """
@@ -153,7 +81,7 @@ def mmdet_detections(
             # (exported: always selected, as mmdet's ONNX export does; the order changes, not the set)
             top = probs.max(dim=1).values.topk(torch.sym_min(nms_pre, probs.shape[0])).indices
             probs, deltas, level_anchors = probs[top], deltas[top], level_anchors[top]
-        boxes.append(decode_boxes(deltas, level_anchors, image_size))
+        boxes.append(box_coder.decode_single(deltas, level_anchors, max_shape=image_size))
         scores.append(probs)
     box, score = torch.cat(boxes), torch.cat(scores)
     w_scale, h_scale = (float(np.float32(s)) for s in scale_factor)  # mmdet's float32 scale factor
@@ -199,7 +127,7 @@ class RAVLTRetinaNet(RetinaNet):
         **kwargs,
     ) -> None:
         backbone = ravlt_fpn(variant, backbone_overrides, (1, 2, 3), fpn_channels, "p6p7", drop_path_rate)
-        anchor_generator = MMDetAnchorGenerator(octave_base_scale=4.0 * anchor_scale)
+        anchor_generator = MmdetAnchorGenerator((8, 16, 32, 64, 128), octave_scales(4.0 * anchor_scale, 3))
         num_anchors = anchor_generator.num_anchors_per_location()[0]
         head = retina_head(fpn_channels, num_anchors, num_classes, feat_channels or fpn_channels, stacked_convs)
         super().__init__(
@@ -208,6 +136,7 @@ class RAVLTRetinaNet(RetinaNet):
             min_size=0, max_size=0, image_mean=None, image_std=None, size_divisible=32, fixed_size=None,
             **kwargs,
         )  # fmt: skip
+        self.box_coder = DeltaXYWHCoder()  # torchvision's encoding (weights 1) for the loss, mmdet's decoding
         self.transform = PresizedTransform()
         self.variant = variant
 
@@ -223,7 +152,7 @@ class RAVLTRetinaNet(RetinaNet):
 
     def detect_image(self, logits, deltas, anchors, image_size, scale_factor=(1.0, 1.0)) -> dict[str, Tensor]:
         """One image's detections from its per-level head outputs (the authors' rule, this model's thresholds)."""
-        return mmdet_detections(logits, deltas, anchors, image_size, scale_factor, self.topk_candidates,
+        return mmdet_detections(logits, deltas, anchors, self.box_coder, image_size, scale_factor, self.topk_candidates,
                                 self.score_thresh, self.nms_thresh, self.detections_per_img)  # fmt: skip
 
     def head_outputs(self, batch: Tensor) -> tuple[list[Tensor], dict[str, list[Tensor]], list[Tensor]]:
@@ -233,7 +162,7 @@ class RAVLTRetinaNet(RetinaNet):
         outputs = self.head(features)
         counts = [f.shape[-2] * f.shape[-1] * self.anchor_generator.num_anchors_per_location()[0] for f in features]
         split = {k: list(v.split(counts, dim=1)) for k, v in outputs.items()}
-        anchors = self.anchor_generator.grid_anchors_mmdet([tuple(f.shape[-2:]) for f in features], batch.device)
+        anchors = self.anchor_generator.level_anchors([tuple(f.shape[-2:]) for f in features], batch.device)
         return features, split, anchors
 
     @torch.no_grad()
