@@ -31,7 +31,7 @@ from ravlt_pl.callbacks import (
 )
 from ravlt_pl.cli import main
 from ravlt_pl.data.base import ResumableSampler, ShardedEvalSampler
-from ravlt_pl.data.imagenet import ImageNetDataModule
+from ravlt_pl.data.imagenet import ImageFolderDataModule
 from ravlt_pl.data.synthetic import make_classification
 from ravlt_pl.models.checkpoint import CheckpointError
 from ravlt_pl.tasks.classification import ClassificationTask
@@ -42,7 +42,7 @@ TINY_ARGS = {k: v for k, v in TINY.items() if k not in ("layerscales", "layer_in
 STEPS = 10  # 20 training images, batch 4, 2 epochs
 
 
-class NoAugImageNet(ImageNetDataModule):
+class NoAugImageNet(ImageFolderDataModule):
     """Training without random augmentation, so a resumed run can match an uninterrupted one bit for bit."""
 
     def transform(self, train: bool):
