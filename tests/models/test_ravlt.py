@@ -5,11 +5,11 @@ import json
 import pytest
 import timm
 import torch
+from timm.layers.pos_embed_sincos import apply_rot_embed, rot
 
 import ravlt_pl  # noqa: F401  (registers ravlt_* with timm)
 from ravlt_pl.benchmark.reference_ravlt import ReferenceRAVLT
 from ravlt_pl.models import RAVLT, RotaryTable, load_official
-from ravlt_pl.models.rope import rotate_every_two
 from tests.conftest import FIXTURES, TINY, rel_err
 
 
@@ -77,8 +77,11 @@ def test_rope_tables_are_cached_per_size_and_reset_by_loading():
     torch.testing.assert_close(table(4, 4)[0][5], torch.sin(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])))
 
 
-def test_rotate_every_two():
-    assert rotate_every_two(torch.arange(4.0)).tolist() == [-1.0, 0.0, -3.0, 2.0]
+def test_timms_rotation_pairs_channels_as_ravlt_does():
+    """RAVLT rotates channel pairs (2i, 2i+1): timm's ``rot`` / ``apply_rot_embed`` (non-``half``) are that."""
+    assert rot(torch.arange(4.0)).tolist() == [-1.0, 0.0, -3.0, 2.0]
+    x, sin, cos = torch.randn(3, 6), torch.randn(3, 6), torch.randn(3, 6)
+    torch.testing.assert_close(apply_rot_embed(x, sin, cos), x * cos + rot(x) * sin)
 
 
 @pytest.mark.parametrize(
