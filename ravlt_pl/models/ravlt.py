@@ -20,7 +20,13 @@ from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
-from timm.layers import DropPath, SelectAdaptivePool2d, register_notrace_module, trunc_normal_
+from timm.layers import (
+    DropPath,
+    SelectAdaptivePool2d,
+    calculate_drop_path_rates,
+    register_notrace_module,
+    trunc_normal_,
+)
 from timm.models import FeatureInfo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv
@@ -234,8 +240,7 @@ class RAVLT(nn.Module):
 
         with torch.device(device) if device is not None else nullcontext():
             self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
-            total = sum(depths)  # stochastic depth rises linearly from 0 over all blocks
-            rates = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]
+            rates = calculate_drop_path_rates(drop_path_rate, sum(depths))  # rising from 0 over all blocks
             self.layers = nn.ModuleList()
             for i in range(4):
                 start = sum(depths[:i])

@@ -115,6 +115,16 @@ def test_timm_classifier_conveniences():
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1024)
 
 
+def test_drop_path_rates_rise_over_all_blocks_as_the_authors_linspace():
+    """timm's ``calculate_drop_path_rates``: the authors' ``torch.linspace(0, rate, sum(depths))``, within
+    float32 rounding of the former ``rate * j / (blocks - 1)``."""
+    model = RAVLT(**{**TINY, "drop_path_rate": 0.3})
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for stage in model.layers for b in stage.blocks]
+    blocks = sum(TINY["depths"])
+    assert rates == [x.item() for x in torch.linspace(0, 0.3, blocks)]
+    assert rates == pytest.approx([0.3 * j / (blocks - 1) for j in range(blocks)], abs=1e-7)
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     model = RAVLT(**TINY, num_classes=4)
