@@ -5,7 +5,6 @@ import shutil
 import pytest
 import torch
 
-from ravlt_pl.data.base import ShardedEvalSampler
 from ravlt_pl.data.errors import DatasetError
 from ravlt_pl.data.imagenet import ImageFolderDataModule
 
@@ -81,9 +80,17 @@ def test_global_batch_is_split_over_devices_or_refused(synthetic_cls):
         dm.per_device_batch_size()
 
 
-def test_sharded_eval_sampler_scores_each_sample_once():
-    shards = [list(ShardedEvalSampler(10, 3, rank)) for rank in range(3)]
-    assert sorted(sum(shards, [])) == list(range(10))
+def test_evaluation_shards_score_each_sample_once_without_padding(synthetic_cls, monkeypatch):
+    dm = _dm(synthetic_cls)
+    dm.setup("fit")
+    shards = []
+    for rank in range(4):
+        monkeypatch.setattr(dm, "_world", lambda rank=rank: (4, rank))
+        shards.append(list(dm.val_dataloader().sampler))
+    assert shards == [list(range(rank, 15, 4)) for rank in range(4)]  # rank, rank + world, ...: 4, 4, 4, 3
+    monkeypatch.setattr(dm, "_world", lambda: (16, 0))
+    with pytest.raises(DatasetError, match="the val split holds 15 samples for 16 processes"):
+        dm.val_dataloader()
 
 
 def test_hidden_folders_and_files_are_no_classes_or_images(synthetic_cls, tmp_path):
