@@ -12,16 +12,15 @@ The options are jsonargparse's: ``--print_config`` prints them as YAML, ``--opti
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, Namespace
 
 from .. import reports
+from ..command_options import OneLineErrorParser
 from .loading import (
     DEFAULT_IMAGES,
     backbone_spec,
@@ -44,21 +43,6 @@ def analyze(model: torch.nn.Module, images: torch.Tensor, kinds: Sequence[str] =
             model.forward_features(batch)
     blocks = block_results(probe)
     return blocks, stage_means(blocks)
-
-
-class OneLineErrorParser(ArgumentParser):
-    """jsonargparse's parser (typed options, ``--options FILE``, ``--print_config``) whose bad values end
-    in one line, ``--num-images: expected int, got 'abc'``, not its multi-line report of the type check."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        key = re.match(r'Parser key "([^"]+)":', message)
-        action = next((a for a in self._actions if key and a.dest == key[1]), None)
-        given = re.search(r"(?:Given value|Got value): (.*)$", message, re.MULTILINE)
-        if action is not None and given:
-            hint = getattr(action, "_typehint", None)
-            expected = getattr(hint, "__name__", str(hint).replace("typing.", ""))
-            message = f"{action.option_strings[-1]}: expected {expected}, got {given[1]!r}"
-        super().error(message, ex)
 
 
 def parse_args(argv: Sequence[str]) -> Namespace:
