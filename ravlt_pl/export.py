@@ -35,7 +35,6 @@ at ``--input-size`` and, when dynamic, at a second batch size and shape; a max a
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
@@ -46,8 +45,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from jsonargparse import ActionConfigFile, Namespace
 from torch import nn
 
+from .command_options import OneLineErrorParser
 from .config import PROG, ConfigError, resolve_config
 from .data.errors import DatasetError
 from .ema import PREFIX as EMA_PREFIX
@@ -302,9 +303,10 @@ def _save_pt2(program: torch.export.ExportedProgram, path: Path) -> Callable[[to
 
 
 # -- command line ---------------------------------------------------------------------------------
-def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Our options, and the rest (``--model.init_args...``) for LightningCLI."""
-    parser = argparse.ArgumentParser(
+def parse_args(argv: Sequence[str]) -> tuple[Namespace, list[str]]:
+    """Our options (jsonargparse: typed, ``--print_config``, ``--options FILE``), and the rest
+    (``--model.init_args...``) for LightningCLI."""
+    parser = OneLineErrorParser(
         prog="python -m ravlt_pl export",
         description="Export a config's network to ONNX or a torch.export .pt2, checked against eager PyTorch.",
         epilog="Exported: classification, the classifier (images -> logits); segmentation, the whole-image "
@@ -313,16 +315,22 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         "(images -> FPN maps). "
         "Other options (e.g. --model.init_args.backbone_overrides) go to the config as in fit.",
     )
-    parser.add_argument("--config", required=True, help="task config (a path or a name under configs/)")
+    parser.add_argument("--options", action=ActionConfigFile, help="YAML file of these options (see --print_config)")
+    parser.add_argument("--config", type=str, required=True, help="task config (a path or a name under configs/)")
     parser.add_argument(
-        "--ckpt", help="weights: our Lightning checkpoint or the authors' release (default: the config's init)"
+        "--ckpt",
+        type=str | None,
+        default=None,
+        help="weights: our Lightning checkpoint or the authors' release (default: the config's init)",
     )
     parser.add_argument("--use-ema", action="store_true", help="take the checkpoint's EMA weights")
     parser.add_argument(
-        "--format", required=True, choices=FORMATS, help="onnx (needs ravlt_pl[export]) or pt2 (torch.export)"
+        "--format", type=str, required=True, choices=FORMATS, help="onnx (needs ravlt_pl[export]) or pt2 (torch.export)"
     )
-    parser.add_argument("--out", required=True, help="file to write (replaced atomically once the check passes)")
-    parser.add_argument("--input-size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"),
+    parser.add_argument(
+        "--out", type=str, required=True, help="file to write (replaced atomically once the check passes)"
+    )
+    parser.add_argument("--input-size", type=int, nargs=2, default=[224, 224], metavar=("H", "W"),
                         help="input height and width, multiples of 32 (default 224 224)")  # fmt: skip
     parser.add_argument(
         "--static", action="store_true", help="fix the input to (1, 3, H, W) (default: dynamic batch, H, W)"
@@ -330,7 +338,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--atol", type=float, default=1e-4, help="largest accepted abs difference from eager (default 1e-4)"
     )
-    return parser.parse_known_args(list(argv))
+    ours, rest = parser.split_known(list(argv))
+    args = parser.parse_args(ours)
+    args.input_size = tuple(args.input_size)
+    return args, rest
 
 
 def load_weights(network: nn.Module, path: str | Path, use_ema: bool = False) -> str:

@@ -18,7 +18,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "ravlt_pl" / "configs"
 CLS_CONFIGS = sorted(
     p.relative_to(CONFIGS).as_posix()
     for p in CONFIGS.rglob("*.yaml")
-    if "ImageNetDataModule" in p.read_text() and "finetune" not in p.parts
+    if "ravlt_pl.data.imagenet." in p.read_text() and "finetune" not in p.parts
 )  # finetune: tests/tasks/test_finetune.py
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from ravlt_pl.analysis import RankProbe, effective_rank, numerical_rank
 from ravlt_pl.analysis.loading import build_model, load_weights
+from ravlt_pl.analysis.rank import parse_args
 from ravlt_pl.cli import main as cli_main
 from ravlt_pl.models import CheckpointError
 from tests.conftest import TINY
@@ -163,3 +164,32 @@ def test_every_task_config_names_its_backbone_variant(config):
 
     variant, _ = backbone_spec(yaml.safe_load(open(resolve_config(config))))
     assert variant == "ravlt_b"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--num-images", "abc"], "error: --num-images: expected int, got 'abc'"),
+        (["--backbone-overrides", "{bad"], "error: --backbone-overrides: expected dict | None, got '{bad'"),
+        (["--rtol", "x"], "error: --rtol: expected float | None, got 'x'"),
+        (["--kinds", "nope"], "error: --kinds must name some of rala,plain,softmax, got nope"),
+        (["--num-images", "0"], "error: --num-images must be at least 1"),
+        (["--nope", "1"], "error: unrecognized arguments: --nope 1"),
+    ],
+)
+def test_bad_options_fail_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--config", "cls_t.yaml", *argv])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == message
+
+
+def test_options_are_typed_and_print_config_round_trips_through_options(tmp_path, capsys):
+    args = parse_args(["--config", "c.yaml", "--backbone-overrides", '{"depths": [1, 1, 1, 1]}', "--use-ema",
+                       "--num-images", "3", "--kinds", "rala, softmax"])  # fmt: skip
+    assert args.backbone_overrides == {"depths": [1, 1, 1, 1]} and args.use_ema and args.num_images == 3
+    assert args.kinds == ["rala", "softmax"] and args.batch_size == 4 and args.rtol is None  # defaults as before
+    with pytest.raises(SystemExit):
+        parse_args(["--config", "c.yaml", "--num-images", "3", "--rtol", "1e-5", "--print_config"])
+    (tmp_path / "rank.yaml").write_text(capsys.readouterr().out)
+    again = parse_args(["--options", str(tmp_path / "rank.yaml")])
+    assert (again.config, again.num_images, again.rtol, again.seed) == ("c.yaml", 3, 1e-5, 0)

@@ -5,19 +5,22 @@ rank of every block's KV buffer (d×d per head) and output features (N×d per he
 linear attention (the same module with key re-weighting and gate off) and softmax attention,
 on the same weights and block inputs. Writes ``rank.json`` (per block/head and per-stage means),
 ``rank.md`` (stage × kind table) and ``rank_blocks.png`` / ``rank_hist.png`` to ``--out``.
+
+The options are jsonargparse's: ``--print_config`` prints them as YAML, ``--options FILE`` reads such a file
+(``--config`` is the task config, as in ``fit``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from jsonargparse import ActionConfigFile, Namespace
 
 from .. import reports
+from ..command_options import OneLineErrorParser
 from .loading import (
     DEFAULT_IMAGES,
     backbone_spec,
@@ -42,25 +45,31 @@ def analyze(model: torch.nn.Module, images: torch.Tensor, kinds: Sequence[str] =
     return blocks, stage_means(blocks)
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ravlt_pl analyze-rank", description=__doc__.split("\n\n")[1])
-    parser.add_argument(
-        "--config", required=True, help="task config (its model.init_args.variant / backbone_overrides)"
-    )
-    parser.add_argument("--ckpt", help="our Lightning checkpoint or the authors' release (default: random init)")
+def parse_args(argv: Sequence[str]) -> Namespace:
+    parser = OneLineErrorParser(prog="python -m ravlt_pl analyze-rank", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--options", action=ActionConfigFile, help="YAML file of these options (see --print_config)")
+    parser.add_argument("--config", type=str, required=True,
+                        help="task config (its model.init_args.variant / backbone_overrides)")  # fmt: skip
+    parser.add_argument("--ckpt", type=str | None, default=None,
+                        help="our Lightning checkpoint or the authors' release (default: random init)")  # fmt: skip
     parser.add_argument("--use-ema", action="store_true", help="take the EMA weights of the checkpoint")
-    parser.add_argument("--backbone-overrides", type=json.loads, default=None,
+    parser.add_argument("--backbone-overrides", type=dict | None, default=None,
                         help="JSON dict merged over the config's backbone_overrides")  # fmt: skip
-    parser.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of images, searched recursively")
+    parser.add_argument(
+        "--images", type=str, default=str(DEFAULT_IMAGES), help="folder of images, searched recursively"
+    )
     parser.add_argument("--num-images", type=int, default=16, help="images taken evenly spread over the sorted files")
-    parser.add_argument("--image-size", type=int, default=None, help="square input side (default: config or 224)")
+    parser.add_argument("--image-size", type=int | None, default=None,
+                        help="square input side (default: config or 224)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
-    parser.add_argument("--rtol", type=float, default=None,
+    parser.add_argument("--kinds", type=str, default=",".join(KINDS),
+                        help=f"comma-separated subset of {','.join(KINDS)}")  # fmt: skip
+    parser.add_argument("--rtol", type=float | None, default=None,
                         help="relative singular-value tolerance (default max(m, n) · eps(float32))")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the random init (without --ckpt)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--out", default=None, help="report folder (default outputs/rank/<config name>)")
+    parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", type=str | None, default=None,
+                        help="report folder (default outputs/rank/<config name>)")  # fmt: skip
     args = parser.parse_args(list(argv))
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not args.kinds or set(args.kinds) - set(KINDS):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
@@ -162,7 +163,12 @@ class BaseDataModule(LightningDataModule):
             )
             sampler = ResumableSampler(sampler, self._resume_position, batch_size)
         elif world > 1:
-            sampler = ShardedEvalSampler(len(dataset), world, rank)
+            if len(dataset) < world:  # Lightning's sampler asserts it: a process without a batch can hang DDP
+                raise DatasetError(
+                    f"{type(self).__name__}: the {split} split holds {len(dataset)} samples for {world} processes; "
+                    "each needs at least one (run it on fewer devices)"
+                )
+            sampler = UnrepeatedDistributedSampler(dataset, world, rank, shuffle=False)  # rank, rank + world, ...
         return (ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=batch_size,
@@ -208,23 +214,9 @@ class AugmentedDataset(Dataset):
             self._seed = seed
 
 
-class ShardedEvalSampler(Sampler[int]):
-    """Indices ``rank, rank + world, ...``: every sample on exactly one process, no padding duplicates.
-
-    torch's ``DistributedSampler`` pads the last shard with repeats (counted twice by metrics) or
-    drops samples; evaluation needs neither, and per-process batches may differ in size.
-    """
-
-    def __init__(self, size: int, world: int, rank: int) -> None:
-        self.indices = list(range(rank, size, world))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
+# Not torchdata's StatefulDataLoader: for a sampler without state it too skips the batches yielded (its README), but
+# its state is per process ("not across ranks") and Lightning's checkpoint holds rank 0's (fit_loop.on_save_checkpoint);
+# the loop counters read here are the same on every rank, so checkpoints need no loader state and no new dependency.
 class ResumableLoader(DataLoader):
     """A DataLoader that Lightning counts as resumable mid-epoch: its :class:`ResumableSampler`
     takes the position from the restored loop counters, so there is no state of its own to save."""

@@ -1,5 +1,5 @@
 """Which layout a classification root holds (ImageFolder, WebDataset shards, HF parquet), and the
-streaming splits and loaders of the sharded two for :class:`~ravlt_pl.data.imagenet.ImageNetDataModule`."""
+streaming splits and loaders of the sharded two for :class:`~ravlt_pl.data.imagenet.ImageFolderDataModule`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .errors import DatasetError
 from .streams import Shard, ShardReader, ShardStream, StreamLoader
 
 if TYPE_CHECKING:
-    from .imagenet import ImageNetDataModule
+    from .imagenet import ImageFolderDataModule
 
 FORMATS = ("auto", "folder", "wds", "parquet")
 
@@ -56,7 +56,7 @@ def open_layout(root: Path, data_format: str, splits: tuple[str, ...]) -> Stream
     return StreamLayout(read_parquet, {s: split_shards(root, s) for s in splits}, class_names(root))
 
 
-def setup_stream(dm: ImageNetDataModule, data_format: str, stage: str) -> None:
+def setup_stream(dm: ImageFolderDataModule, data_format: str, stage: str) -> None:
     """Fill ``dm.datasets`` and ``dm.info`` from a sharded root (what ``setup`` does for an ImageFolder)."""
     dm.check_root()
     if stage == "fit" and dm.repeated_aug:
@@ -95,7 +95,7 @@ def setup_stream(dm: ImageNetDataModule, data_format: str, stage: str) -> None:
     )
 
 
-def stream_loader(dm: ImageNetDataModule, split: str) -> DataLoader:
+def stream_loader(dm: ImageFolderDataModule, split: str) -> DataLoader:
     """The DataLoader of a :class:`ShardStream` split: it shards itself, workers deliver whole batches."""
     dataset = dm.datasets[split]
     settings = dict(batch_size=dataset.batch_size, num_workers=dm.num_workers, pin_memory=dm.pin_memory,

@@ -58,8 +58,8 @@ def stratified_split(targets: list[int], fraction: float, seed: int) -> tuple[li
     return sorted(train), sorted(val)
 
 
-class ImageNetDataModule(BaseDataModule):
-    """ImageFolder classification data with the published DeiT augmentation.
+class ImageFolderDataModule(BaseDataModule):
+    """ImageFolder classification data (ImageNet-1k or any class-folder tree) with the published DeiT augmentation.
 
     Args:
         root: directory holding ``train/`` and ``val/`` (or ``train/`` alone, with ``val_fraction``), one
@@ -243,3 +243,8 @@ class ImageNetDataModule(BaseDataModule):
             return None
         world, rank = self._world()
         return RepeatAugSampler(dataset, num_replicas=world, rank=rank, shuffle=True)
+
+
+class ImageNetDataModule(ImageFolderDataModule):
+    """The name :class:`ImageFolderDataModule` had, kept for configs and runs' saved ``config.yaml``: a subclass,
+    not an assignment, so that the short ``class_path: ImageNetDataModule`` resolves as well as the dotted one."""

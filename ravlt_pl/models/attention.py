@@ -14,11 +14,11 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import register_notrace_module
+from timm.layers import apply_rot_embed, register_notrace_module
 from torch import nn
 
 from . import fast as fast_kernels
-from .rope import apply_rope, autocast_off, rope_tables
+from .rope import autocast_off, rope_tables
 
 AttentionType = Literal["linear", "softmax"]
 
@@ -158,8 +158,8 @@ class RankAugmentedLinearAttention(_GatedAttention):
                 k = k * a.transpose(-1, -2) * n_tokens
             z = 1.0 / (q @ k.mean(dim=2, keepdim=True).transpose(-1, -2) + 1e-6)  # (B, n, N, 1)
             sin, cos = sin.float(), cos.float()
-            kv = (apply_rope(k, sin, cos).transpose(-1, -2) / n_tokens**0.5) @ (v / n_tokens**0.5)  # (B, n, d, d)
-            out = (apply_rope(q, sin, cos) @ kv) * z  # (B, n, N, d)
+            kv = (apply_rot_embed(k, sin, cos).transpose(-1, -2) / n_tokens**0.5) @ (v / n_tokens**0.5)  # (B, n, d, d)
+            out = (apply_rot_embed(q, sin, cos) @ kv) * z  # (B, n, N, d)
             if self.probe is not None:
                 self.probe("kv", kv)
                 self.probe("out", out)
@@ -182,7 +182,7 @@ class SoftmaxAttention(_GatedAttention):
         q, k, v, o, lepe = self._split(x)  # heads (B, n, N, d)
         with autocast_off(x):
             sin, cos = sin.float(), cos.float()
-            q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+            q, k = apply_rot_embed(q, sin, cos), apply_rot_embed(k, sin, cos)
             attn = torch.softmax(self.scale * q @ k.transpose(-1, -2), dim=-1)  # (B, n, N, N)
             out = attn @ v  # (B, n, N, d)
             if self.probe is not None:

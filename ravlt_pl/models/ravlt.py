@@ -20,7 +20,13 @@ from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
-from timm.layers import DropPath, SelectAdaptivePool2d, register_notrace_module, trunc_normal_
+from timm.layers import (
+    DropPath,
+    SelectAdaptivePool2d,
+    calculate_drop_path_rates,
+    register_notrace_module,
+    trunc_normal_,
+)
 from timm.models import FeatureInfo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv
@@ -234,8 +240,7 @@ class RAVLT(nn.Module):
 
         with torch.device(device) if device is not None else nullcontext():
             self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
-            total = sum(depths)  # stochastic depth rises linearly from 0 over all blocks
-            rates = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]
+            rates = calculate_drop_path_rates(drop_path_rate, sum(depths))  # rising from 0 over all blocks
             self.layers = nn.ModuleList()
             for i in range(4):
                 start = sum(depths[:i])
@@ -289,8 +294,9 @@ class RAVLT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Layer-scale gammas (norms and biases are excluded by their 1-D shape)."""
-        return {name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1].startswith("gamma")}
+        """Nothing beyond timm's 1-D rule (norms, biases): the (1, C, 1, 1) layer-scale gammas decay, as in the
+        authors' recipes and our tasks' ``"1d"`` groups, so timm's ``create_optimizer_v2`` forms the same groups."""
+        return set()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:

@@ -1,5 +1,6 @@
 """The RoPE maths both the plain path (:mod:`~ravlt_pl.models.attention`) and the fast kernels
-(:mod:`~ravlt_pl.models.fast`) use: the 2-D tables, the rotation, autocast off for the attention arithmetic.
+(:mod:`~ravlt_pl.models.fast`) use: the 2-D tables and autocast off for the attention arithmetic. The
+rotation itself is timm's ``apply_rot_embed`` (channel pairs (2i, 2i+1), ``x·cos + rot(x)·sin``).
 A leaf: it imports nothing of ours, so both import it downward."""
 
 from __future__ import annotations
@@ -19,17 +20,6 @@ def rope_tables(angle: torch.Tensor, height: int, width: int) -> tuple[torch.Ten
         [rows[:, None, :].expand(height, width, half), cols[None, :, :].expand(height, width, half)], dim=-1
     ).reshape(height * width, 2 * half)  # (N, d)
     return phase.sin(), phase.cos()
-
-
-def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
-    """``(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)`` along the last axis."""
-    pairs = x.unflatten(-1, (-1, 2))
-    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-
-
-def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """RoPE: ``rot(x) = x * cos + rotate_every_two(x) * sin``."""
-    return x * cos + rotate_every_two(x) * sin
 
 
 def autocast_off(x: torch.Tensor):

@@ -61,6 +61,9 @@ def param_groups(model: nn.Module, exempt: Sequence[str], layer_decay: float | N
     names); or a substring of the parameter name (mmcv's ``custom_keys`` with ``decay_mult=0``, e.g.
     ``"norm"``). An empty ``exempt`` decays everything.
     """
+    # Not timm's param_groups_weight_decay / _layer_decay (same "1d" rule and layer scales: tests/tasks/test_base.py):
+    # they write the weight-decay value into the groups (ours is the config's optimizer's), know no norm-layer or name
+    # exemptions (mmcv's), and need the group_matcher on the module grouped (a detector's is on its backbone).
     keys = [key for key in exempt if key not in ("1d", "norm_layers")]
     in_norm_layers = set()
     if "norm_layers" in exempt:
@@ -107,6 +110,10 @@ def build_optimizer(
     return optimizer
 
 
+# Not torch's SequentialLR(LinearLR, CosineAnnealingLR | PolynomialLR | MultiStepLR) nor timm's schedulers: torch's
+# eta_min is one absolute lr for all groups (ours a ratio of each layer-decay group's), PolynomialLR has no floor and
+# SequentialLR switches schedules where mmcv's warmup multiplies the poly/step lr; timm's warmup replaces the lr by
+# warmup_lr_init + t * step (timm/scheduler/cosine_lr.py _get_lr) and its schedulers are no torch LRScheduler.
 class WarmupSchedule(LambdaLR):
     """Per-step linear warmup, then ``cosine``, ``step`` (×gamma at epoch milestones), ``poly`` or ``constant``.
 

@@ -8,12 +8,12 @@ from jsonargparse import ArgumentParser
 from ravlt_pl.data.ade20k import ADE20KDataModule
 from ravlt_pl.data.base import BaseDataModule
 from ravlt_pl.data.coco import COCODataModule
-from ravlt_pl.data.imagenet import ImageNetDataModule
+from ravlt_pl.data.imagenet import ImageFolderDataModule
 
 SHARED = ("predict_dir", "global_batch_size", "batch_size", "num_workers", "pin_memory", "persistent_workers")
 
 
-@pytest.mark.parametrize("module", [ImageNetDataModule, COCODataModule, ADE20KDataModule])
+@pytest.mark.parametrize("module", [ImageFolderDataModule, COCODataModule, ADE20KDataModule])
 def test_shared_arguments_are_documented_for_every_data_module(module, capsys) -> None:
     """Subclasses forward ``**kwargs`` to the base; jsonargparse still lists (and documents) them."""
     parser = ArgumentParser()
@@ -28,7 +28,7 @@ def test_shared_arguments_are_documented_for_every_data_module(module, capsys) -
 
 
 def test_info_and_loaders_ask_for_setup_first() -> None:
-    dm = ImageNetDataModule("x", num_classes=2, batch_size=1)
+    dm = ImageFolderDataModule("x", num_classes=2, batch_size=1)
     with pytest.raises(RuntimeError, match=r"info is known after setup"):
         dm.info
     with pytest.raises(RuntimeError, match=r"no 'predict' dataset; setup\(\) for that stage builds it"):

@@ -5,13 +5,12 @@ import shutil
 import pytest
 import torch
 
-from ravlt_pl.data.base import ShardedEvalSampler
 from ravlt_pl.data.errors import DatasetError
-from ravlt_pl.data.imagenet import ImageNetDataModule
+from ravlt_pl.data.imagenet import ImageFolderDataModule
 
 
 def _dm(root, **kwargs):
-    return ImageNetDataModule(root=root, num_classes=5, image_size=32, batch_size=4, num_workers=0, **kwargs)
+    return ImageFolderDataModule(root=root, num_classes=5, image_size=32, batch_size=4, num_workers=0, **kwargs)
 
 
 def _copy(src, tmp_path):
@@ -49,7 +48,7 @@ def test_empty_class_folder(synthetic_cls, tmp_path):
 
 def test_wrong_number_of_classes(synthetic_cls):
     with pytest.raises(DatasetError, match=r"5 class folders but num_classes is 1000"):
-        ImageNetDataModule(root=synthetic_cls, num_classes=1000, batch_size=2).setup("fit")
+        ImageFolderDataModule(root=synthetic_cls, num_classes=1000, batch_size=2).setup("fit")
 
 
 def test_unreadable_image_names_the_file(synthetic_cls, tmp_path):
@@ -63,7 +62,7 @@ def test_unreadable_image_names_the_file(synthetic_cls, tmp_path):
 
 
 def test_global_batch_is_split_over_devices_or_refused(synthetic_cls):
-    dm = ImageNetDataModule(root=synthetic_cls, num_classes=5, global_batch_size=1024)
+    dm = ImageFolderDataModule(root=synthetic_cls, num_classes=5, global_batch_size=1024)
 
     class FakeTrainer:  # the two numbers the rule reads
         world_size, accumulate_grad_batches, global_rank = 8, 1, 0
@@ -81,9 +80,17 @@ def test_global_batch_is_split_over_devices_or_refused(synthetic_cls):
         dm.per_device_batch_size()
 
 
-def test_sharded_eval_sampler_scores_each_sample_once():
-    shards = [list(ShardedEvalSampler(10, 3, rank)) for rank in range(3)]
-    assert sorted(sum(shards, [])) == list(range(10))
+def test_evaluation_shards_score_each_sample_once_without_padding(synthetic_cls, monkeypatch):
+    dm = _dm(synthetic_cls)
+    dm.setup("fit")
+    shards = []
+    for rank in range(4):
+        monkeypatch.setattr(dm, "_world", lambda rank=rank: (4, rank))
+        shards.append(list(dm.val_dataloader().sampler))
+    assert shards == [list(range(rank, 15, 4)) for rank in range(4)]  # rank, rank + world, ...: 4, 4, 4, 3
+    monkeypatch.setattr(dm, "_world", lambda: (16, 0))
+    with pytest.raises(DatasetError, match="the val split holds 15 samples for 16 processes"):
+        dm.val_dataloader()
 
 
 def test_hidden_folders_and_files_are_no_classes_or_images(synthetic_cls, tmp_path):
@@ -110,7 +117,7 @@ def test_predict_batches_carry_paths_and_class_names(synthetic_cls):
 
 def test_predict_without_the_tree_numbers_the_classes(synthetic_cls, tmp_path):
     folder = shutil.copytree(synthetic_cls / "val" / "star", tmp_path / "images")
-    dm = ImageNetDataModule(root=tmp_path / "absent", num_classes=3, batch_size=2, predict_dir=str(folder))
+    dm = ImageFolderDataModule(root=tmp_path / "absent", num_classes=3, batch_size=2, predict_dir=str(folder))
     dm.setup("predict")
     assert dm.info.class_names == ("0", "1", "2") and len(dm.datasets["predict"]) == 3
 
@@ -120,7 +127,7 @@ def test_corrupt_image_mid_epoch_raises_one_line_naming_the_file_from_a_worker(s
     root = _copy(synthetic_cls, tmp_path)
     bad = sorted((root / "train" / "square").iterdir())[1]
     bad.write_bytes(bad.read_bytes()[:40])  # a truncated JPEG, as an interrupted copy leaves it
-    dm = ImageNetDataModule(root=root, num_classes=5, image_size=32, batch_size=4, num_workers=1, pin_memory=False)
+    dm = ImageFolderDataModule(root=root, num_classes=5, image_size=32, batch_size=4, num_workers=1, pin_memory=False)
     dm.setup("fit")
     with pytest.raises(DatasetError) as caught:
         for _ in dm.train_dataloader():
@@ -131,7 +138,7 @@ def test_corrupt_image_mid_epoch_raises_one_line_naming_the_file_from_a_worker(s
 
 
 def test_num_classes_left_out_is_the_class_folders(synthetic_cls):
-    dm = ImageNetDataModule(root=synthetic_cls, image_size=32, batch_size=2)
+    dm = ImageFolderDataModule(root=synthetic_cls, image_size=32, batch_size=2)
     assert dm.num_classes == 5
 
 
@@ -169,3 +176,20 @@ def test_classification_reads_images_as_displayed(tmp_path):
     image.save(tmp_path / "turned.jpg", exif=exif)
     assert read_rgb(tmp_path / "turned.jpg").size == (40, 20)  # detection, segmentation: stored pixels
     assert read_rgb(tmp_path / "turned.jpg", exif_transpose=True).size == (20, 40)
+
+
+@pytest.mark.parametrize(
+    "class_path",
+    ["ravlt_pl.data.imagenet.ImageNetDataModule", "ImageNetDataModule", "ImageFolderDataModule"],
+)
+def test_former_name_still_builds_from_a_config(class_path, tmp_path):
+    """Runs' saved config.yaml say ``ravlt_pl.data.imagenet.ImageNetDataModule``; configs may use the short names."""
+    from ravlt_pl.config import resolve_config
+    from ravlt_pl.lightning_cli import build_cli
+
+    cli = build_cli(["--config", resolve_config("cls_t.yaml"), "--data.class_path", class_path,
+                     "--data.init_args.root", str(tmp_path), "--trainer.logger", "false",
+                     "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1"],
+                    run=False)  # fmt: skip
+    assert isinstance(cli.datamodule, ImageFolderDataModule)
+    assert type(cli.datamodule).__name__ == class_path.rsplit(".", 1)[-1]

@@ -16,7 +16,7 @@ import torch
 
 from ravlt_pl.cli import main
 from ravlt_pl.data.errors import DatasetError
-from ravlt_pl.data.imagenet import ClassFolders, ImageNetDataModule
+from ravlt_pl.data.imagenet import ClassFolders, ImageFolderDataModule
 from ravlt_pl.data.parquet import write_parquet
 from ravlt_pl.data.shards import main as convert
 from ravlt_pl.data.shards import write_shards
@@ -53,18 +53,18 @@ def parquet_root(folder, tmp_path_factory) -> Path:
 NO_RANDAUGMENT = dict(auto_augment=None)
 
 
-def _dm(root, **kwargs) -> ImageNetDataModule:
+def _dm(root, **kwargs) -> ImageFolderDataModule:
     settings = (
         dict(num_classes=5, image_size=32, batch_size=4, num_workers=0, pin_memory=False) | NO_RANDAUGMENT | kwargs
     )
-    return ImageNetDataModule(root=root, **settings)
+    return ImageFolderDataModule(root=root, **settings)
 
 
 def _keys(loader) -> list[str]:
     return [key for _, _, keys in loader for key in keys]
 
 
-def _with_keys(dm: ImageNetDataModule, split: str):
+def _with_keys(dm: ImageFolderDataModule, split: str):
     dm.datasets[split].keys = True
     return getattr(dm, f"{split}_dataloader")()
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ravlt_pl.data.imagenet import ImageNetDataModule
+from ravlt_pl.data.imagenet import ImageFolderDataModule
 from ravlt_pl.data.shards import read_info, write_shards
 from ravlt_pl.data.synthetic import make_classification
 from tests.conftest import TINY
@@ -44,7 +44,7 @@ def fake_trainer(world: int, rank: int, epoch: int = 0) -> SimpleNamespace:
 
 def loader_keys(root: Path, world: int, rank: int) -> dict:
     """Per split (and training epoch) the sample keys this process reads, and its batch count."""
-    dm = ImageNetDataModule(
+    dm = ImageFolderDataModule(
         root=root,
         num_classes=5,
         image_size=32,

@@ -5,11 +5,11 @@ import json
 import pytest
 import timm
 import torch
+from timm.layers.pos_embed_sincos import apply_rot_embed, rot
 
 import ravlt_pl  # noqa: F401  (registers ravlt_* with timm)
 from ravlt_pl.benchmark.authors_reference import ReferenceRAVLT
 from ravlt_pl.models import RAVLT, RotaryTable, load_official
-from ravlt_pl.models.rope import rotate_every_two
 from tests.conftest import FIXTURES, TINY, rel_err
 
 
@@ -77,8 +77,11 @@ def test_rope_tables_are_cached_per_size_and_reset_by_loading():
     torch.testing.assert_close(table(4, 4)[0][5], torch.sin(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])))
 
 
-def test_rotate_every_two():
-    assert rotate_every_two(torch.arange(4.0)).tolist() == [-1.0, 0.0, -3.0, 2.0]
+def test_timms_rotation_pairs_channels_as_ravlt_does():
+    """RAVLT rotates channel pairs (2i, 2i+1): timm's ``rot`` / ``apply_rot_embed`` (non-``half``) are that."""
+    assert rot(torch.arange(4.0)).tolist() == [-1.0, 0.0, -3.0, 2.0]
+    x, sin, cos = torch.randn(3, 6), torch.randn(3, 6), torch.randn(3, 6)
+    torch.testing.assert_close(apply_rot_embed(x, sin, cos), x * cos + rot(x) * sin)
 
 
 @pytest.mark.parametrize(
@@ -105,11 +108,21 @@ def test_timm_features_only():
 def test_timm_classifier_conveniences():
     model = timm.create_model("ravlt_t", num_classes=5)
     assert model.pretrained_cfg["crop_pct"] == 0.875 and model.pretrained_cfg["input_size"] == (3, 224, 224)
-    assert "layers.0.blocks.0.gamma_1" in model.no_weight_decay()
+    assert model.no_weight_decay() == set()  # timm's 1-D rule alone: the layer-scale gammas decay
     model.reset_classifier(3)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
     model.reset_classifier(0)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1024)
+
+
+def test_drop_path_rates_rise_over_all_blocks_as_the_authors_linspace():
+    """timm's ``calculate_drop_path_rates``: the authors' ``torch.linspace(0, rate, sum(depths))``, within
+    float32 rounding of the former ``rate * j / (blocks - 1)``."""
+    model = RAVLT(**{**TINY, "drop_path_rate": 0.3})
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for stage in model.layers for b in stage.blocks]
+    blocks = sum(TINY["depths"])
+    assert rates == [x.item() for x in torch.linspace(0, 0.3, blocks)]
+    assert rates == pytest.approx([0.3 * j / (blocks - 1) for j in range(blocks)], abs=1e-7)
 
 
 def test_gradient_checkpointing_gives_same_gradients():

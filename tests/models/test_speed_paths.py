@@ -16,11 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
+from timm.layers import apply_rot_embed as apply_rope  # the plain path's rotation
 from torch.utils.flop_counter import FlopCounterMode
 
 from ravlt_pl.benchmark.authors_reference import ReferenceRAVLT
 from ravlt_pl.models import RAVLT, RotaryTable
-from ravlt_pl.models.attention import SoftmaxAttention, apply_rope
+from ravlt_pl.models.attention import SoftmaxAttention
 from ravlt_pl.models.fast import (
     IdentityFoldedKernel,
     _mkldnn_conv_pointwise,

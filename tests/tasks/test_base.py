@@ -1,6 +1,7 @@
 """What every task shares: weight-decay parameter groups from ``weight_decay_exempt``, the fused optimizer."""
 
 import torch
+from timm.optim import create_optimizer_v2, param_groups_layer_decay
 
 from ravlt_pl.tasks.base import build_optimizer, param_groups
 from ravlt_pl.tasks.classification import ClassificationTask
@@ -22,6 +23,25 @@ def test_classification_exempts_biases_and_1d_but_decays_layer_scale_gammas():
     assert "layers.0.blocks.0.gamma_1" in decay and "layers.3.blocks.0.gamma_2" in decay  # (1, C, 1, 1)
     params = dict(task.model.named_parameters())
     assert all(params[n].ndim > 1 for n in decay) and all(params[n].ndim <= 1 for n in no_decay)
+
+
+def _by_param(groups) -> dict[int, tuple[float, bool]]:
+    """``id(param) → (lr scale, exempt from weight decay)`` of optimizer groups, ours or timm's."""
+    return {id(p): (g.get("lr_scale", 1.0), g.get("weight_decay", None) == 0.0) for g in groups for p in g["params"]}
+
+
+def test_the_1d_rule_and_layer_decay_form_timms_groups():
+    """Our groups are timm's: ``create_optimizer_v2`` (which exempts ``no_weight_decay()`` too) and
+    ``param_groups_layer_decay`` on RAVLT's ``group_matcher`` decay and scale each parameter as we do."""
+    model = ClassificationTask(num_classes=3, backbone_overrides=TINY).model
+    assert model.no_weight_decay() == set()  # the gammas decay, as our "1d" groups and the recipes say
+    ours = _by_param(param_groups(model, ["1d"]))
+    timm_optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    assert ours == _by_param(timm_optimizer.param_groups)
+    timm_groups = param_groups_layer_decay(
+        model, weight_decay=0.05, no_weight_decay_list=model.no_weight_decay(), layer_decay=0.7
+    )
+    assert _by_param(param_groups(model, ["1d"], layer_decay=0.7)) == _by_param(timm_groups)
 
 
 def test_name_key_exempts_names_containing_it():

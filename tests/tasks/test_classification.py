@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from ravlt_pl.cli import main
@@ -16,6 +17,26 @@ def test_warmup_then_cosine_and_step_schedules():
     assert abs(cosine.factor(60) - (0.01 + 0.99 * 0.5)) < 1e-9 and abs(cosine.factor(110) - 0.01) < 1e-9
     step = WarmupSchedule(opt, decay="step", milestones=[8, 11], total_steps=120, steps_per_epoch=10)
     assert [step.factor(s) for s in (79, 80, 110)] == [1.0, 0.1, 0.1**2]
+
+
+def _lrs(schedule, optimizer, steps: int) -> list[float]:
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return lrs
+
+
+def test_warmup_cosine_is_torchs_sequential_schedule_where_torch_can_express_it():
+    """One group, no floor: ours is torch's SequentialLR(LinearLR, CosineAnnealingLR) at every step (what torch
+    cannot: a floor per layer-decay group, mmcv's warmup times the poly/step lr; see WarmupSchedule)."""
+    ours_opt, torch_opt = (torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1) for _ in range(2))
+    ours = WarmupSchedule(ours_opt, decay="cosine", warmup_steps=7, warmup_start_factor=0.01, total_steps=40)
+    warmup = torch.optim.lr_scheduler.LinearLR(torch_opt, start_factor=0.01, total_iters=7)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(torch_opt, T_max=33)
+    reference = torch.optim.lr_scheduler.SequentialLR(torch_opt, [warmup, cosine], milestones=[7])
+    assert _lrs(ours, ours_opt, 41) == pytest.approx(_lrs(reference, torch_opt, 41), rel=1e-9, abs=1e-12)
 
 
 def test_validate_writes_report_with_ema(synthetic_cls, tmp_path):
