@@ -1,4 +1,5 @@
-"""The option parser of our subcommands (``analyze-rank``, ``export``): jsonargparse's, with one-line errors."""
+"""The option parser of our subcommands (``analyze-rank``, ``export``, ``benchmark``): jsonargparse's, with
+one-line errors."""
 
 from __future__ import annotations
 
@@ -16,15 +17,19 @@ class OneLineErrorParser(ArgumentParser):
     """jsonargparse's parser (typed options, ``--options FILE``, ``--print_config``) whose bad values end
     in one line, ``--num-images: expected int, got 'abc'``, not its multi-line report of the type check."""
 
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+    def one_line(self, message: str) -> str:
+        """jsonargparse's report of a failed type check as ``--option: expected TYPE, got 'VALUE'``."""
         key = re.match(r'Parser key "([^"]+)":', message)
         action = next((a for a in self._actions if key and a.dest == key[1]), None)
         given = re.search(r"(?:Given value|Got value): (.*)$", message, re.MULTILINE)
         if action is not None and given:
             hint = getattr(action, "_typehint", None)
             expected = getattr(hint, "__name__", str(hint).replace("typing.", ""))
-            message = f"{action.option_strings[-1]}: expected {expected}, got {given[1]!r}"
-        super().error(message, ex)
+            return f"{action.option_strings[-1]}: expected {expected}, got {given[1]!r}"
+        return message
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        super().error(self.one_line(message), ex)
 
     def split_known(self, argv: Sequence[str]) -> tuple[list[str], list[str]]:
         """``argv`` as (this parser's options with their values, the rest), each in order: argparse's

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile
+
+from ..command_options import OneLineErrorParser
 
 
-class OptionParser(ArgumentParser):
+class OptionParser(OneLineErrorParser):
     """jsonargparse's parser (typed options, ``--config`` YAML, ``--print_config``) with one-line errors."""
 
     def __init__(self, prog: str, description: str) -> None:
@@ -17,5 +19,5 @@ class OptionParser(ArgumentParser):
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error:
             return super().error(message, ex)
-        sys.stderr.write(f"error: {' '.join(message.split())} (every option: {self.prog} --help)\n")
+        sys.stderr.write(f"error: {' '.join(self.one_line(message).split())} (every option: {self.prog} --help)\n")
         self.exit(2)
