@@ -13,7 +13,7 @@ checks each kernel against the reference form. What each one saves (measured on 
   the key re-weighting ``k * a * N`` moves onto ``v`` (``rot(k * a)ᵀ v = rot(k)ᵀ (a * v)``: RoPE is
   linear, ``a`` is per token) and the normaliser uses ``mean_N(k * a * N) = aᵀ k``; the ``+ 1`` of the
   ``elu + 1`` feature maps joins the rotation (``rot(e + 1) = rot(e) + rot(1)``) and the small products.
-* **ELU** in the exp form (ATen's CPU ``elu`` calls a scalar ``expm1``, ~10% of inference).
+* **ELU** in the exp form (ATen's CPU ``elu`` calls a scalar ``expm1``).
 * **Softmax attention** through SDPA, in the autocast dtype on CUDA (flash kernels).
 * **Convolutions**: ``fc1`` + GELU as one oneDNN kernel, the identity of ``x + dwconv(x)`` folded into
   the kernel centre, and residuals as one ``addcmul`` (in place when nothing needs the inputs).
@@ -90,7 +90,7 @@ def conv_gelu(conv: nn.Conv2d, act: nn.GELU, x: torch.Tensor) -> torch.Tensor:
 
     Written by hand because eager PyTorch has no public fused conv+GELU (``torch.compile`` with
     freezing uses this same oneDNN op); the separate GELU pass over the 3.5×-wide hidden map was
-    ~6% of RAVLT-S inference. Equal to the two-step form to float32 rounding (erf GELU both ways).
+    a visible share of RAVLT-S inference (``benchmark --profile`` lists it). Equal to the two-step form to float32 rounding (erf GELU both ways).
     """
     if (x.device.type == "cpu" and act.approximate == "none" and _float32_inference(x, conv.weight)
             and isinstance(conv.padding, tuple) and (fused := _mkldnn_conv_pointwise()) is not None):  # fmt: skip
@@ -152,7 +152,7 @@ class RotationForms(NamedTuple):
     ``table`` is ``cos + i sin`` per channel pair ``(N, d/2)`` (complex) and ``table_of_ones`` the
     rotation of an all-ones vector, ``(1 + i) * table``; both None when the angles of a pair differ,
     under ``torch.compile`` or on the meta device (then the real form applies). ``signed_sin`` is ``sin`` with the sign
-    of ``rotate_every_two`` folded in (``-sin`` at even channels).
+    of the pair rotation (timm's ``rot``) folded in (``-sin`` at even channels).
     """
 
     table: torch.Tensor | None
@@ -215,8 +215,8 @@ def _(angle: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch
 class _ExpFormElu(torch.autograd.Function):
     """``F.elu`` (alpha 1) as ``max(x, exp(min(x, 0)) - 1)``, for CPU.
 
-    Written by hand because ATen's CPU ``elu`` evaluates ``expm1`` without SIMD: on AVX-512 it is ~8×
-    slower than ``exp`` and was ~10% of RAVLT-S inference. ``exp(x) - 1`` differs from ``expm1(x)`` by
+    Written by hand because ATen's CPU ``elu`` evaluates ``expm1`` without SIMD: it is several times
+    slower than ``exp`` (``benchmark --profile`` shows its share of a forward). ``exp(x) - 1`` differs from ``expm1(x)`` by
     < 1.2e-7 absolute (every use adds the 1 back anyway). The factor ``exp(min(x, 0))`` is also the
     derivative, so the backward is one multiplication.
     """
