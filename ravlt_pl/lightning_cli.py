@@ -178,7 +178,7 @@ class RAVLTCLI(LightningCLI):
             if found is None:
                 raise ConfigError(f"--ckpt_path best: no best-*.ckpt under {root}; give a checkpoint path or 'last'")
             config["ckpt_path"] = ckpt_path = str(found)
-        if ckpt_path is None:
+        if ckpt_path is None and config is not None:
             self._check_pretrained_pairing(config)
         if (
             ckpt_path in (None, "best", "hpc", "registry")
