@@ -38,7 +38,6 @@ from .data.base import BaseDataModule
 from .data.errors import DatasetError
 from .lightning_compat import config_section, private, set_kth_value, setup_train_data
 from .models.checkpoint import CheckpointError, read_checkpoint
-from .published import find_variant, pairing_error, published_for
 from .run_dir import AtomicSaveConfig, RunLogger, claim_version
 from .tasks.base import BaseTask
 
@@ -178,8 +177,6 @@ class RAVLTCLI(LightningCLI):
             if found is None:
                 raise ConfigError(f"--ckpt_path best: no best-*.ckpt under {root}; give a checkpoint path or 'last'")
             config["ckpt_path"] = ckpt_path = str(found)
-        if ckpt_path is None and config is not None:
-            self._check_pretrained_pairing(config)
         if (
             ckpt_path in (None, "best", "hpc", "registry")
             or "://" in str(ckpt_path)
@@ -206,28 +203,6 @@ class RAVLTCLI(LightningCLI):
         configured = (config.get("model") or {}).get("class_path")
         if saved_task and configured and saved_task != configured:
             raise CheckpointError(f"{source} was made by {saved_task}, this config's model is {configured}")
-
-    @staticmethod
-    def _check_pretrained_pairing(config) -> None:
-        """A run that starts from ``pretrained`` with a published config: refuse, in one line, a file of
-        another RAVLT variant or another released model (``published.pairing_error``), before anything is
-        built. Files the check cannot read as a RAVLT are left to the strict load, which names key and shapes."""
-        pretrained = ((config.get("model") or {}).get("init_args") or {}).get("pretrained")
-        if not pretrained or not Path(str(pretrained)).is_file():
-            return
-        model = config.get("model")
-        built = find_variant(model.as_dict() if hasattr(model, "as_dict") else model)
-        for given in config.get("config") or []:
-            path = Path(str(given))
-            if published_for(str(path)) is None:
-                continue
-            name = f"{path.parent.name}/{path.name}" if path.parent.name in ("det", "seg") else path.name
-            try:
-                message = pairing_error(pretrained, name, built=built)
-            except (CheckpointError, KeyError, ValueError, TypeError, RuntimeError):
-                return
-            if message:
-                raise CheckpointError(message)
 
     def instantiate_classes(self) -> None:
         try:

@@ -81,27 +81,3 @@ def test_a_config_without_a_variant_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="plain.yaml: sets no RAVLT variant"):
         _config_variant(config)
 
-
-def test_the_cli_refuses_a_wrong_pairing_before_building_anything(tmp_path):
-    from ravlt_pl.cli import main
-
-    path = release(tmp_path, "maskrcnn_b_1x_12_epoch.pth", "maskrcnn_m_1x.py")
-    args = ["fit", "--config", "det/maskrcnn_s_1x.yaml", "--model.init_args.pretrained", str(path),
-            "--data.init_args.root", str(tmp_path / "no_such_coco")]  # fmt: skip
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert str(exit_info.value) == (f"error: {path} holds RAVLT-B, but det/maskrcnn_s_1x.yaml builds RAVLT-S; "
-                                    "it pairs with det/maskrcnn_b_1x.yaml")  # fmt: skip
-
-
-def test_the_cli_pairing_check_follows_a_variant_override(tmp_path):
-    from ravlt_pl.cli import main
-
-    path = release(tmp_path, "maskrcnn_b_1x_12_epoch.pth", "maskrcnn_m_1x.py")
-    # the override builds RAVLT-B: the pairing holds, so the run goes on to the (missing) data
-    args = ["fit", "--config", "det/maskrcnn_s_1x.yaml", "--model.init_args.pretrained", str(path),
-            "--model.init_args.detector.init_args.variant", "ravlt_b", "--data.init_args.root", str(tmp_path / "no_coco")]  # fmt: skip
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert "holds RAVLT-B" not in str(exit_info.value)
-    assert "no_coco" in str(exit_info.value)
