@@ -80,4 +80,3 @@ def test_a_config_without_a_variant_is_an_error(tmp_path):
     config.write_text("trainer: {max_epochs: 1}\n")
     with pytest.raises(ValueError, match="plain.yaml: sets no RAVLT variant"):
         _config_variant(config)
-
