@@ -59,16 +59,15 @@ def released_config(checkpoint: str | Path) -> str | None:
     return RELEASED_FILES.get(Path(checkpoint).name)
 
 
-def pairing_error(checkpoint: str | Path, config: str | Path, built: str | None = None) -> str | None:
+def pairing_error(checkpoint: str | Path, config: str | Path) -> str | None:
     """One line saying why a checkpoint does not go with a config, ``None`` when they pair.
 
     The checkpoint's RAVLT variant is inferred from its backbone tensors (a renamed file is judged by
     what it holds) and compared with the ``variant`` the config builds. A released detector or
     segmentor must also be loaded into a config of its own model (schedules aside: a 1x file may be
     evaluated with the 3x config); as a backbone init any release pairs with any config of its variant.
-    ``built``: the variant the run builds when overrides changed the file's (default: the file's).
     """
-    built = built or _config_variant(config)
+    built = _config_variant(config)
     raw, source = read_checkpoint(checkpoint)
     backbone = infer_backbone(extract_backbone_state(raw, source), prefix="")
     held = variant_of(backbone["embed_dims"], backbone["depths"])
@@ -83,11 +82,6 @@ def pairing_error(checkpoint: str | Path, config: str | Path, built: str | None 
     return None
 
 
-def find_variant(node) -> str | None:
-    """The first ``variant`` in a (parsed) config's nested dicts and lists, ``None`` if absent."""
-    return _find_key(node, "variant")
-
-
 def _model(config: str | Path) -> str:
     """A config's model without variant and schedule: ``det/maskrcnn_s_3x.yaml`` → ``maskrcnn``."""
     return re.sub(r"_[tsbl]_\d+[xk]$", "", Path(config).stem)
@@ -96,7 +90,7 @@ def _model(config: str | Path) -> str:
 def _config_variant(config: str | Path) -> str:
     """The ``variant`` a config file builds (the first one in it)."""
     path = resolve_config(str(config))
-    found = find_variant(yaml.safe_load(Path(path).read_text()))
+    found = _find_key(yaml.safe_load(Path(path).read_text()), "variant")
     if found is None:
         raise ValueError(f"{path}: sets no RAVLT variant")
     return found
