@@ -2,46 +2,107 @@
 
 ``python -m ravlt_pl.demo {classification,detection,segmentation} [extra CLI args]`` — the data set
 is written once under ``data/synthetic/<task>`` and reused.
+
+The detection and segmentation demos start as the published recipes do, from an ImageNet-style
+classification backbone: the classification demo's best checkpoint, which that demo copies to
+``outputs/demo_cls/best.ckpt``. It is made once (by running the classification demo first when it is
+missing) and reused; ``--model.init_args.pretrained null`` trains from scratch instead, and
+``--model.init_args.pretrained FILE`` starts from another file.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 from .config import resolve_config
 from .data import synthetic
 from .lightning_cli import BestCheckpoint, build_cli
+from .models.checkpoint import CheckpointError, read_checkpoint
+
+
+@dataclass(frozen=True)
+class Demo:
+    make: Callable[[Path], object]  # writes the synthetic set
+    data: str  # where the set is written
+    root: str  # the data module's root inside it
+    config: str
+    from_classifier: bool  # starts from the classification demo's backbone
+
 
 DEMOS = {
-    # task: (generator, data directory, root passed to the data module, config)
-    "classification": (partial(synthetic.make_classification, train_per_class=400, val_per_class=50, image_size=32),
-                       "data/synthetic/classification", "", "demo/cls.yaml"),
-    "detection": (synthetic.make_detection, "data/synthetic/detection", "", "demo/det.yaml"),
-    "segmentation": (synthetic.make_segmentation, "data/synthetic/segmentation", "ADEChallengeData2016",
-                     "demo/seg.yaml"),
+    "classification": Demo(partial(synthetic.make_classification, train_per_class=400, val_per_class=50, image_size=32),
+                           "data/synthetic/classification", "", "demo/cls.yaml", False),
+    "detection": Demo(synthetic.make_detection, "data/synthetic/detection", "", "demo/det.yaml", True),
+    "segmentation": Demo(synthetic.make_segmentation, "data/synthetic/segmentation", "ADEChallengeData2016",
+                         "demo/seg.yaml", True),
 }  # fmt: skip
+
+#: The classification demo's best checkpoint (``trainer.default_root_dir`` of demo/cls.yaml + ``best.ckpt``).
+CLASSIFIER = Path("outputs/demo_cls/best.ckpt")
+PRETRAINED = "--model.init_args.pretrained"
+
+
+def gives_pretrained(extra: list[str]) -> bool:
+    """Whether the user's arguments set the starting weights themselves."""
+    return any(arg == PRETRAINED or arg.startswith(PRETRAINED + "=") for arg in extra)
+
+
+def classifier_backbone(task: str) -> Path:
+    """The classification demo's checkpoint, trained first when it is missing; exits with one line if unreadable."""
+    if not CLASSIFIER.exists():
+        print(f"{task} demo: starts from the classification demo's backbone, {CLASSIFIER} is missing: "
+              "training it first (make demo)", flush=True)  # fmt: skip
+        run("classification", [])
+    try:
+        read_checkpoint(CLASSIFIER)
+    except CheckpointError as err:
+        sys.exit(f"{task} demo: {err}; delete it to train it again (make demo), or pass {PRETRAINED} FILE / null")
+    return CLASSIFIER
+
+
+def keep_best(best: str, root: str | os.PathLike) -> Path:
+    """Copy the best checkpoint to ``root/best.ckpt`` (through a temporary file: a reader never sees half)."""
+    target = Path(root) / "best.ckpt"
+    partial_copy = target.with_name(f".best.ckpt.{os.getpid()}.tmp")
+    shutil.copyfile(best, partial_copy)
+    os.replace(partial_copy, target)
+    return target
 
 
 def run(task: str, extra: list[str]) -> dict:
-    make, out, sub, config = DEMOS[task]
-    out = Path(out)
+    demo = DEMOS[task]
+    out = Path(demo.data)
     if not out.exists():
-        make(out)
+        demo.make(out)
     start = time.time()
-    cli = build_cli(["fit", "--config", resolve_config(config), "--data.init_args.root", str(out / sub), *extra])
+    start_from = []
+    if demo.from_classifier and not gives_pretrained(extra):
+        start_from = [PRETRAINED, str(classifier_backbone(task))]
+    args = ["fit", "--config", resolve_config(demo.config), "--data.init_args.root", str(out / demo.root)]
+    cli = build_cli([*args, *start_from, *extra])
     best = next(c for c in cli.trainer.checkpoint_callbacks if isinstance(c, BestCheckpoint)).best_model_path
     cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False)
     reports = (json.loads(p.read_text()) for p in Path(cli.trainer.log_dir).glob("reports/validate/*.json"))
     data = next(r for r in reports if isinstance(r, dict) and "headline" in r)  # not the COCO results lists
     report = Path(cli.trainer.log_dir) / "reports" / "validate"
     headline = data["headline"]
+    kept = (
+        f"\nbest checkpoint copied to {keep_best(best, cli.trainer.default_root_dir)}"
+        if task == "classification"
+        else ""
+    )
+    weights = cli.model.pretrained or "scratch"
     print(
         f"\n{task} demo: validation {headline['name']} = {headline['value']:.4f} "
-        f"after {time.time() - start:.0f} s\nreports in {report}"
+        f"after {time.time() - start:.0f} s (started from {weights}){kept}\nreports in {report}"
     )
     return data
 

@@ -1,5 +1,6 @@
 """The command line: config lookup, summary, clear failures, and every classification config runs."""
 
+import dataclasses
 import json
 import sys
 import warnings
@@ -117,7 +118,7 @@ def test_demo_runs_without_warnings_from_our_code(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["demo", "classification"])  # as `python -m ravlt_pl.demo classification` has it
     small = partial(make_classification, train_per_class=4, val_per_class=3, image_size=32)
-    monkeypatch.setitem(demo.DEMOS, "classification", (small, *demo.DEMOS["classification"][1:]))
+    monkeypatch.setitem(demo.DEMOS, "classification", dataclasses.replace(demo.DEMOS["classification"], make=small))
     tiny = json.dumps({k: v for k, v in TINY.items() if k not in ("layerscales", "layer_init_values")})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
