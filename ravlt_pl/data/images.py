@@ -9,8 +9,9 @@ stored pixels, which a rotation would no longer match.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,6 +96,10 @@ class PredictFolder(Dataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def file_names(self) -> list[str]:
+        """Every item's ``file_name`` (the path relative to the folder), in order."""
+        return [path.relative_to(self.folder).as_posix() for path in self.files]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.files[index]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import numpy as np
@@ -91,6 +92,19 @@ class SegmentationScores(MulticlassConfusionMatrix):
 
     def compute(self) -> dict[str, torch.Tensor]:
         return scores_from_confusion(super().compute())
+
+
+def mask_names(file_names: Sequence[str]) -> dict[str, str]:
+    """Each image's mask file (relative path): the image's with ``.png`` for its suffix (mmseg's and
+    ADE20K's pairing), or its whole name + ``.png`` where two images would share one (``a.jpg`` and
+    ``a.png`` give ``a.jpg.png`` and ``a.png.png``), so no mask overwrites another."""
+    stems = Counter(str(PurePosixPath(name).with_suffix("")) for name in file_names)
+    return {
+        name: str(PurePosixPath(name).with_suffix(".png"))
+        if stems[str(PurePosixPath(name).with_suffix(""))] == 1
+        else f"{name}.png"
+        for name in file_names
+    }
 
 
 class SegmentationTask(BaseTask):
@@ -308,9 +322,26 @@ class SegmentationTask(BaseTask):
         info = getattr(getattr(self.trainer, "datamodule", None), "info", None)
         return list(info.class_names) if info else [f"class {i}" for i in range(self.num_classes)]
 
+    def predict_out_dir(self) -> Path:
+        return Path(self.hparams.predict_dir) if self.hparams.predict_dir else self.report_dir() / "masks"
+
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        loaders = self.trainer.predict_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        names = [n for loader in loaders for n in getattr(loader.dataset, "file_names", lambda: [])()]
+        self._mask_names = mask_names(names)
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
         """Write one palette PNG per image (pixel value = class index) at the image's original size."""
-        out_dir = Path(self.hparams.predict_dir) if self.hparams.predict_dir else self.report_dir() / "masks"
+        out_dir = self.predict_out_dir()
         probs = self.predict_probs(batch["image"], batch["size"], batch["orig_size"], batch.get("path"))
-        masks = (out_dir / f"{Path(path).stem}.png" for path in batch["path"])
+        names = batch.get("file_name") or [Path(path).name for path in batch["path"]]
+        mask_of = getattr(self, "_mask_names", {})
+        masks = (out_dir / mask_of.get(name, mask_names([name])[name]) for name in names)
         return [str(save_mask(mask, p.argmax(0))) for mask, p in zip(masks, probs)]
+
+    def on_predict_epoch_end(self) -> None:
+        if self.trainer.is_global_zero:
+            written = sum(len(batch) for batch in self.trainer.predict_loop.predictions)
+            print(f"masks of {written} images written to {self.predict_out_dir()} (pixel value = class index)")

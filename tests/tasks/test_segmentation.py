@@ -26,6 +26,7 @@ from ravlt_pl.tasks.segmentation import (
     SegmentationScores,
     SegmentationTask,
     load_released_segmentor,
+    mask_names,
     scores_from_confusion,
 )
 from ravlt_pl.tasks.segmentation_report import AUTHORS_TEST_RATIOS
@@ -201,6 +202,25 @@ def test_validate_report_and_predict_masks(ade_root: Path, tmp_path: Path) -> No
     assert [p.name for p in written] == ["ADE_val_00000001.png", "ADE_val_00000002.png", "ADE_val_00000003.png"]
     mask = Image.open(written[0])
     assert mask.mode == "P" and mask.size == (64, 48) and np.array(mask).max() < 5
+
+
+def test_predict_masks_of_images_sharing_a_stem_do_not_overwrite_each_other(ade_root, tmp_path, capsys) -> None:
+    images = tmp_path / "to_predict"
+    images.mkdir()
+    source = Image.open(next((ade_root / "images/validation").glob("*.jpg"))).convert("RGB")
+    source.save(images / "a.jpg")
+    source.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(images / "a.png")
+    source.save(images / "b.jpg")
+    masks = tmp_path / "masks"
+    main(["predict", *cli_args("configs/demo/seg.yaml", ade_root, tmp_path, "--model.init_args.predict_dir", str(masks),
+                               "--data.init_args.predict_dir", str(images))])  # fmt: skip
+    assert sorted(p.name for p in masks.iterdir()) == ["a.jpg.png", "a.png.png", "b.png"]
+    assert f"masks of 3 images written to {masks}" in capsys.readouterr().out
+
+
+def test_mask_names_keep_the_image_stem_unless_two_images_share_it() -> None:
+    names = mask_names(["x/a.jpg", "x/a.png", "b.jpeg", "x/b.jpg"])
+    assert names == {"x/a.jpg": "x/a.jpg.png", "x/a.png": "x/a.png.png", "b.jpeg": "b.png", "x/b.jpg": "x/b.png"}
 
 
 def test_reports_name_the_weights_they_measured(ade_root: Path, tmp_path: Path) -> None:
