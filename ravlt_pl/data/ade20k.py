@@ -12,8 +12,9 @@ stays at its original size, and the task scores the prediction resized back to i
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import albumentations as A
 import cv2

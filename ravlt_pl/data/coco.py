@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import albumentations as A
-from albumentations.augmentations.crops.transforms import BaseCrop
-from albumentations.pytorch import ToTensorV2
 import numpy as np
 import torch
+from albumentations.augmentations.crops.transforms import BaseCrop
+from albumentations.pytorch import ToTensorV2
 
 from .base import AugmentedDataset, BaseDataModule, DatasetInfo
 from .coco_files import CocoSplit, load_json, read_split

@@ -71,8 +71,8 @@ def split_files(root: Path, layout: str, splits: dict[str, str], explicit: dict[
     ``explicit[split] = (annotations, images)``, relative to ``root`` or absolute: a given pair
     replaces the layout's; an annotation file without its image folder is refused.
     """
-    for name, (annotations, images) in explicit.items():
-        if (annotations is None) != (images is None):
+    for name, (json_file, images) in explicit.items():
+        if (json_file is None) != (images is None):
             given, missing = ("annotations", "images") if images is None else ("images", "annotations")
             raise DatasetError(f"data.init_args.{name}_{given} is set but {name}_{missing} is not; set both")
     if explicit["train"][0] is not None:
@@ -80,7 +80,7 @@ def split_files(root: Path, layout: str, splits: dict[str, str], explicit: dict[
     else:
         layout = detect_layout(root, splits) if layout == "auto" else layout
         files = layout_files(root, layout, splits)
-    for name, (annotations, images) in explicit.items():
-        if annotations is not None:
-            files[name] = SplitFiles(root / annotations, root / images, by_name=False)
+    for name, (json_file, images) in explicit.items():
+        if json_file is not None:
+            files[name] = SplitFiles(root / json_file, root / images, by_name=False)
     return layout, files

@@ -8,8 +8,8 @@ are read from the parquet footers, so nothing is scanned before training. Read o
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import DatasetError
 from .shards import INSTALL_HINT, SPLITS, folder_split

@@ -22,8 +22,8 @@ import argparse
 import json
 import re
 import tarfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 

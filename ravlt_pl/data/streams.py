@@ -21,10 +21,11 @@ from __future__ import annotations
 import io
 import multiprocessing
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info

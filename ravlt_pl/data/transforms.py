@@ -3,7 +3,8 @@ and the repair of timm's RandAugment posterize for current Pillow."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import cv2
 from albumentations.augmentations.geometric.resize import MaxSizeTransform

@@ -30,7 +30,7 @@ def test_shared_arguments_are_documented_for_every_data_module(module, capsys) -
 def test_info_and_loaders_ask_for_setup_first() -> None:
     dm = ImageFolderDataModule("x", num_classes=2, batch_size=1)
     with pytest.raises(RuntimeError, match=r"info is known after setup"):
-        dm.info
+        _ = dm.info
     with pytest.raises(RuntimeError, match=r"no 'predict' dataset; setup\(\) for that stage builds it"):
         dm.predict_dataloader()
 
