@@ -54,6 +54,8 @@ gpu-check: venv
 demo: venv
 	$(BIN)/python -m ravlt_pl.demo classification
 
+# The detection and segmentation demos start from the shipped classification backbone
+# (ravlt_pl/weights/demo_classifier.pt, the classification demo's, seed 0).
 demo-det: venv
 	$(BIN)/python -m ravlt_pl.demo detection
 

@@ -3,11 +3,11 @@
 ``python -m ravlt_pl.demo {classification,detection,segmentation} [extra CLI args]`` — the data set
 is written once under ``data/synthetic/<task>`` and reused.
 
-The detection and segmentation demos start as the published recipes do, from an ImageNet-style
-classification backbone: the classification demo's best checkpoint, which that demo copies to
-``outputs/demo_cls/best.ckpt``. It is made once (by running the classification demo first when it is
-missing) and reused; ``--model.init_args.pretrained null`` trains from scratch instead, and
-``--model.init_args.pretrained FILE`` starts from another file.
+The detection and segmentation demos start as the published recipes do, from a classification
+backbone: ``ravlt_pl/weights/demo_classifier.pt`` (2.9 MB, shipped), the backbone of a
+classification demo run (seed 0, val top-1 0.988; ``scripts/make_demo_backbone.py`` writes it from
+a checkpoint). ``--model.init_args.pretrained outputs/demo_cls/best.ckpt`` starts from your own
+classification demo instead (that demo copies its best checkpoint there), ``null`` from scratch.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ DEMOS = {
                          "demo/seg.yaml", True),
 }  # fmt: skip
 
-#: The classification demo's best checkpoint (``trainer.default_root_dir`` of demo/cls.yaml + ``best.ckpt``).
-CLASSIFIER = Path("outputs/demo_cls/best.ckpt")
+#: The shipped classification backbone the detection and segmentation demos start from.
+CLASSIFIER = Path(__file__).parent / "weights" / "demo_classifier.pt"
 PRETRAINED = "--model.init_args.pretrained"
 
 
@@ -56,15 +56,13 @@ def gives_pretrained(extra: list[str]) -> bool:
 
 
 def classifier_backbone(task: str) -> Path:
-    """The classification demo's checkpoint, trained first when it is missing; exits with one line if unreadable."""
-    if not CLASSIFIER.exists():
-        print(f"{task} demo: starts from the classification demo's backbone, {CLASSIFIER} is missing: "
-              "training it first (make demo)", flush=True)  # fmt: skip
-        run("classification", [])
+    """The shipped classification backbone; exits with one line when it is missing or unreadable."""
     try:
         read_checkpoint(CLASSIFIER)
     except CheckpointError as err:
-        sys.exit(f"{task} demo: {err}; delete it to train it again (make demo), or pass {PRETRAINED} FILE / null")
+        sys.exit(
+            f"{task} demo: {err} (the package's demo backbone; reinstall ravlt_pl, or pass {PRETRAINED} FILE / null)"
+        )
     return CLASSIFIER
 
 

@@ -1,5 +1,5 @@
-"""The demos: the classification demo keeps its best checkpoint, and the detection and segmentation
-demos start from it (trained first when missing), as the published dense recipes start from ImageNet."""
+"""The demos: detection and segmentation start from the shipped classification backbone, as the
+published dense recipes start from ImageNet; the classification demo keeps its best checkpoint."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ QUICK = ["--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0"
 
 @pytest.fixture
 def small_demos(tmp_path, monkeypatch):
-    """The demos on a few images and a tiny backbone, run from ``tmp_path`` (outputs/ and data/ go there)."""
+    """The demos on a few images (the classification one on a tiny backbone), run from ``tmp_path``."""
     monkeypatch.chdir(tmp_path)
     config = yaml.safe_load(Path(resolve_config("demo/cls.yaml")).read_text())
     config["trainer"]["max_epochs"] = 1
@@ -46,45 +46,41 @@ def checkpoint_state(folder: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_segmentation_demo_starts_from_the_classification_demo_trained_first(small_demos, capsys):
-    """With no classifier yet, the classification demo runs first; at lr 0 the segmentor's backbone
-    after training is exactly the classifier's (the weights were loaded, every one of them)."""
-    demo.run("segmentation", ["--model.init_args.backbone_overrides", TINY_JSON, "--trainer.max_steps", "2",
-                              "--trainer.val_check_interval", "2", "--data.init_args.eval_batch_size", "2",
+def test_segmentation_demo_starts_from_the_shipped_classification_backbone(small_demos, capsys):
+    """At lr 0 the segmentor's backbone after training is exactly the shipped one: every tensor loaded."""
+    demo.run("segmentation", ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                              "--data.init_args.eval_batch_size", "2",
                               "--model.init_args.optimizer.init_args.lr", "0", *QUICK])  # fmt: skip
-    out = capsys.readouterr().out
-    assert "outputs/demo_cls/best.ckpt is missing: training it first" in out
-    assert "started from outputs/demo_cls/best.ckpt" in out
-    classifier = torch.load(demo.CLASSIFIER, map_location="cpu", weights_only=True)["state_dict"]
+    assert f"started from {demo.CLASSIFIER}" in capsys.readouterr().out
+    shipped = torch.load(demo.CLASSIFIER, map_location="cpu", weights_only=True)
     segmentor = checkpoint_state(small_demos / "outputs/demo_seg")
-    shared = [k for k in classifier if "model.backbone." + k[len("model.") :] in segmentor]
-    convs = [k for k in shared if k.endswith(".weight") and classifier[k].dim() == 4]
-    assert len(convs) >= 10  # stem, every block's convolutions, the downsamples
-    for key in convs:
-        torch.testing.assert_close(segmentor["model.backbone." + key[len("model.") :]], classifier[key], rtol=0, atol=0)
+    backbone = {k[len("model.backbone.") :]: v for k, v in segmentor.items() if k.startswith("model.backbone.")}
+    weights = [k for k, v in shipped.items() if v.is_floating_point() and "running_" not in k]
+    assert len(weights) > 100 and set(weights) <= backbone.keys()
+    for key in weights:
+        torch.testing.assert_close(backbone[key], shipped[key], rtol=0, atol=0)
 
 
-def test_detection_demo_reuses_the_classifier_and_null_trains_from_scratch(small_demos, capsys):
+def test_detection_demo_starts_from_your_classification_demo_or_from_scratch(small_demos, capsys):
     demo.run("classification", [])
-    made = demo.CLASSIFIER.stat().st_mtime_ns
+    best = small_demos / "outputs/demo_cls/best.ckpt"
+    assert f"best checkpoint copied to {Path('outputs/demo_cls/best.ckpt')}" in capsys.readouterr().out
     args = ["--model.init_args.detector.init_args.backbone_overrides", TINY_JSON, "--trainer.max_epochs", "1",
             "--trainer.check_val_every_n_epoch", "1", "--trainer.limit_train_batches", "1", *QUICK]  # fmt: skip
-    demo.run("detection", args)
-    assert "started from outputs/demo_cls/best.ckpt" in capsys.readouterr().out
-    assert demo.CLASSIFIER.stat().st_mtime_ns == made  # reused, not trained again
-    demo.CLASSIFIER.unlink()
+    demo.run("detection", [*args, "--model.init_args.pretrained", str(best)])
+    assert f"started from {best}" in capsys.readouterr().out
     demo.run("detection", [*args, "--model.init_args.pretrained", "null"])
     assert "started from scratch" in capsys.readouterr().out
-    assert not demo.CLASSIFIER.exists()  # scratch asked for: no classifier trained
 
 
-def test_an_unreadable_classifier_is_one_line(small_demos):
-    demo.CLASSIFIER.parent.mkdir(parents=True)
-    demo.CLASSIFIER.write_text("not a checkpoint")
+def test_an_unreadable_demo_backbone_is_one_line(small_demos, monkeypatch):
+    broken = small_demos / "demo_classifier.pt"
+    broken.write_text("not a checkpoint")
+    monkeypatch.setattr(demo, "CLASSIFIER", broken)
     with pytest.raises(SystemExit) as exit_:
         demo.run("segmentation", [])
     message = str(exit_.value)
-    assert "\n" not in message and "outputs/demo_cls/best.ckpt" in message and "delete it" in message
+    assert "\n" not in message and str(broken) in message and "reinstall" in message
 
 
 def test_gives_pretrained_reads_both_spellings():

@@ -71,7 +71,8 @@ def test_wheel_carries_the_configs_and_the_benchmark(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("ravlt_pl/configs/cls_s.yaml", "ravlt_pl/configs/demo/cls.yaml", "ravlt_pl/configs/det/maskrcnn_s_1x.yaml",
                  "ravlt_pl/configs/seg/fpn_s_80k.yaml", "ravlt_pl/benchmark/runner.py",
-                 "ravlt_pl/benchmark/authors_reference.py"):  # fmt: skip
+                 "ravlt_pl/benchmark/authors_reference.py",
+                 "ravlt_pl/weights/demo_classifier.pt"):  # fmt: skip
         assert name in names, name
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
 
