@@ -26,6 +26,7 @@ from .config import resolve_config
 from .data import synthetic
 from .lightning_cli import BestCheckpoint, build_cli
 from .models.checkpoint import CheckpointError, read_checkpoint
+from .reports import atomic_write
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,7 @@ def classifier_backbone(task: str) -> Path:
 
 def keep_best(best: str, root: str | os.PathLike) -> Path:
     """Copy the best checkpoint to ``root/best.ckpt`` (through a temporary file: a reader never sees half)."""
-    target = Path(root) / "best.ckpt"
-    partial_copy = target.with_name(f".best.ckpt.{os.getpid()}.tmp")
-    shutil.copyfile(best, partial_copy)
-    os.replace(partial_copy, target)
-    return target
+    return atomic_write(Path(root) / "best.ckpt", lambda tmp: shutil.copyfile(best, tmp))
 
 
 def run(task: str, extra: list[str]) -> dict:

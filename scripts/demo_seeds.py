@@ -9,11 +9,11 @@ Each seed is one ``python -m ravlt_pl.demo TASK --seed_everything SEED`` in its 
 data set. ``--isa avx2`` caps PyTorch's CPU kernels (ATen dispatch and oneDNN) at AVX2, which reproduces
 the float32 results of a CPU without AVX-512; ``--isa default`` caps them at PyTorch's unvectorised ATen
 kernels and oneDNN's SSE4.1 code (a third set of float32 results, slower). Arguments after ``--`` go to every
-run (CLI overrides). The detection and segmentation demos start from the classification demo's checkpoint
-(``outputs/demo_cls/best.ckpt``, see ``ravlt_pl/demo.py``); the summary records which file (size and
+run (CLI overrides). The detection and segmentation demos start from the shipped classification backbone
+(``ravlt_pl/weights/demo_classifier.pt``, see ``ravlt_pl/demo.py``); the summary records which file (size and
 SHA-256) each run started from. Per run it prints the headline, the wall time and the CPU
 time (user + sys of the run's processes: on a loaded machine, CPU time / cores bounds the idle wall time
-from below); the summary goes to ``outputs/demo_seeds/<task>_<isa>.json``.
+from below); the summary goes to ``outputs/demo_seeds/<task>_<isa>[_<tag>].json``.
 """
 
 from __future__ import annotations

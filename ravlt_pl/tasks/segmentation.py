@@ -98,13 +98,9 @@ def mask_names(file_names: Sequence[str]) -> dict[str, str]:
     """Each image's mask file (relative path): the image's with ``.png`` for its suffix (mmseg's and
     ADE20K's pairing), or its whole name + ``.png`` where two images would share one (``a.jpg`` and
     ``a.png`` give ``a.jpg.png`` and ``a.png.png``), so no mask overwrites another."""
-    stems = Counter(str(PurePosixPath(name).with_suffix("")) for name in file_names)
-    return {
-        name: str(PurePosixPath(name).with_suffix(".png"))
-        if stems[str(PurePosixPath(name).with_suffix(""))] == 1
-        else f"{name}.png"
-        for name in file_names
-    }
+    stem_of = {name: str(PurePosixPath(name).with_suffix("")) for name in file_names}
+    shared = Counter(stem_of.values())
+    return {name: f"{stem}.png" if shared[stem] == 1 else f"{name}.png" for name, stem in stem_of.items()}
 
 
 class SegmentationTask(BaseTask):
@@ -338,7 +334,7 @@ class SegmentationTask(BaseTask):
         probs = self.predict_probs(batch["image"], batch["size"], batch["orig_size"], batch.get("path"))
         names = batch.get("file_name") or [Path(path).name for path in batch["path"]]
         mask_of = getattr(self, "_mask_names", {})
-        masks = (out_dir / mask_of.get(name, mask_names([name])[name]) for name in names)
+        masks = (out_dir / (mask_of.get(name) or mask_names([name])[name]) for name in names)
         return [str(save_mask(mask, p.argmax(0))) for mask, p in zip(masks, probs)]
 
     def on_predict_epoch_end(self) -> None:
