@@ -142,6 +142,33 @@ def extract_backbone_state(checkpoint: Mapping, source: str, use_ema: bool = Fal
 OPTIONAL_PREFIXES = ("extra_norms.",)
 
 
+def stage_shape(state: Mapping[str, torch.Tensor]) -> tuple[list[int], list[int]] | None:
+    """Stage widths and block counts of the RAVLT backbone in ``state`` (at any prefix: ``backbone.body.``
+    in a detector), ``None`` if it holds none."""
+    widths: dict[int, int] = {}
+    blocks: dict[int, int] = {}
+    for key, value in state.items():
+        if m := re.search(r"(?:^|\.)layers\.(\d+)\.blocks\.(\d+)\.norm1\.norm\.weight$", key):
+            stage = int(m[1])
+            widths.setdefault(stage, value.shape[0])
+            blocks[stage] = max(blocks.get(stage, 0), int(m[2]) + 1)
+    if not widths or sorted(widths) != list(range(len(widths))):
+        return None
+    return [widths[i] for i in sorted(widths)], [blocks[i] for i in sorted(blocks)]
+
+
+def variant_hint(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str | None:
+    """What a shape mismatch means when the file's backbone and the model's differ in stage widths or
+    depths: both named; ``None`` when they agree (another head, another class count)."""
+    held, built = stage_shape(state), stage_shape(own)
+    if held is None or built is None or held == built:
+        return None
+    return (
+        f"the file holds a RAVLT of widths {held[0]}, depths {held[1]}, the model is one of widths {built[0]}, "
+        f"depths {built[1]}: set the config's `variant` to the file's"
+    )
+
+
 def load_official(
     model: nn.Module,
     checkpoint: str | Path | Mapping,
@@ -170,7 +197,8 @@ def load_official(
         elif own[key].shape != value.shape:
             raise CheckpointError(
                 f"{source}: {key} has shape {tuple(value.shape)} in the checkpoint but "
-                f"{tuple(own[key].shape)} in the model; was it made for another RAVLT variant?"
+                f"{tuple(own[key].shape)} in the model; "
+                f"{variant_hint(state, own) or 'was it made for another RAVLT variant?'}"
             )
         else:
             to_load[key] = value

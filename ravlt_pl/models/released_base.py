@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, checkpoint_filter_fn, read_checkpoint
+from .checkpoint import CheckpointError, checkpoint_filter_fn, read_checkpoint, variant_hint
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,8 @@ def load_converted(model: nn.Module, converted: Mapping[str, torch.Tensor], sour
         if own[key].shape != value.shape:
             raise CheckpointError(
                 f"{source}: {key} has shape {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} "
-                f"in {type(model).__name__}; was it made for another variant or class count?"
+                f"in {type(model).__name__}; "
+                f"{variant_hint(converted, own) or 'was it made for another variant or class count?'}"
             )
     missing = [k for k in own if k not in converted]
     if missing:

@@ -59,6 +59,12 @@ def test_shape_mismatch_names_key_and_shapes():
         CheckpointError, match=r"layers\.1\.downsample\.reduction\.weight .*\(320, 128, 3, 3\).*\(256, 128, 3, 3\)"
     ):
         load_official(tiny, {"model": s_state})
+    with pytest.raises(CheckpointError) as err:  # and says which shapes the file and the model are
+        load_official(tiny, {"model": s_state})
+    assert str(err.value).endswith(
+        "the file holds a RAVLT of widths [64, 128, 320, 512], depths [3, 5, 9, 3], the model is one of "
+        "widths [64, 128, 256, 512], depths [2, 2, 6, 2]: set the config's `variant` to the file's"
+    )
 
 
 def test_exclude_lets_a_head_of_another_size_be_dropped(official_cls):

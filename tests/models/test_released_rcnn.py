@@ -233,5 +233,11 @@ def test_full_size_release_layout_loads_whole_into_our_config_and_runs(release):
 def test_a_released_file_of_another_variant_fails_naming_key_and_both_shapes():
     state = synthetic_state(SHAPES["maskrcnn_s_1x.py"])
     ours = detector_of(CONFIGS / "maskrcnn_t_1x.yaml")
-    with pytest.raises(CheckpointError, match=r"maskrcnn_s_1x\.pth: \S+ has shape \(\d+.*\) in the checkpoint but \("):
+    with pytest.raises(
+        CheckpointError, match=r"maskrcnn_s_1x\.pth: \S+ has shape \(\d+.*\) in the checkpoint but \("
+    ) as err:
         released.load_converted(ours, released.family_of(state).convert(state, ours), "maskrcnn_s_1x.pth")
+    assert str(err.value).endswith(  # and which RAVLT each is (the backbone found under the detector's prefix)
+        "the file holds a RAVLT of widths [64, 128, 320, 512], depths [3, 5, 9, 3], the model is one of "
+        "widths [64, 128, 256, 512], depths [2, 2, 6, 2]: set the config's `variant` to the file's"
+    )
